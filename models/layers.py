@@ -1,0 +1,120 @@
+"""Building blocks shared by every architecture: RMSNorm, rotary embeddings, SwiGLU MLP.
+
+Parameters are created with `torch.empty` (no initialisation cost: loading overwrites them);
+`TransformerLM.init_random_weights` fills them for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+
+
+def empty_param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = empty_param(hidden_size)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same order of operations as the HF reference: statistics in fp32, scale in x's dtype.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Linear(nn.Module):
+    """`y = x @ W.T (+ b)` with HF's [out, in] weight layout; no init cost."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = empty_param(out_features, in_features)
+        self.bias = empty_param(out_features) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU MLP with gate and up projections fused into one matmul: [gate; up] = x @ W13.T."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
+        self.down_proj = Linear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for the rotary dims, with llama3/linear scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv_freq = torch.where(is_mid, mid, scaled)
+    return inv_freq.float(), 1.0
+
+
+class RotaryEmbedding(nn.Module):
+    """Half-split ("rotate_half") RoPE, computed from explicit positions.
+
+    Positions come per token (the batch is a flat list of tokens from many sequences), so the
+    cos/sin rows are looked up from a table that grows on demand instead of being sliced.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inv_freq, self.attention_scaling = _rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cos_sin: torch.Tensor | None = None  # [P, D] cos | [P, D] sin, fp32
+
+    def _table(self, num_positions: int) -> torch.Tensor:
+        table = self._cos_sin
+        if table is None or table.shape[1] < num_positions or table.device != self.inv_freq.device:
+            size = max(num_positions, 4096)
+            size = 1 << (size - 1).bit_length()
+            t = torch.arange(size, device=self.inv_freq.device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            table = torch.stack((emb.cos(), emb.sin())) * self.attention_scaling
+            self._cos_sin = table
+        return table
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [N, 1, D] for positions [N]."""
+        table = self._table(int(positions.max()) + 1 if positions.numel() else 1)
+        cos_sin = table[:, positions].to(dtype)
+        return cos_sin[0].unsqueeze(1), cos_sin[1].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [N, H, D]; cos/sin: [N, 1, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,243 @@
+"""Load checkpoints (HF safetensors directories, GGUF files) into `TransformerLM`.
+
+Both formats are first read as `(hf_config, {hf_name: tensor})`; one rename table maps HF
+names onto docpipe's parameters, some of which are fused:
+
+    q_proj | k_proj | v_proj          -> self_attn.qkv_proj   (rows stacked in that order)
+    gate_proj | up_proj               -> mlp.gate_up_proj
+    experts.{e}.gate_proj | up_proj   -> mlp.w13[e]           (mixtral: w1 | w3)
+    experts.{e}.down_proj             -> mlp.w2[e]            (mixtral: w2)
+
+Every parameter element must be written exactly once, so a missing tensor is detected without
+a list of expected names. Nothing is unpickled: `.bin`/`.pt` checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from models.config import ModelConfig
+from models.errors import ModelLoadError
+from models.registry import EMBEDDED_MODELS, resolve_model_path
+from models.transformer import TransformerLM
+
+logger = logging.getLogger(__name__)
+
+_L = r"model\.layers\.(?P<l>\d+)\."
+_E = r"\.experts\.(?P<e>\d+)\."
+# (HF name pattern, docpipe parameter template). A `part` group selects a row block of a
+# fused parameter; an `e` group selects the expert.
+WEIGHT_RENAMES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(p), t)
+    for p, t in [
+        (r"model\.embed_tokens\.weight", "embed_tokens"),
+        (r"model\.norm\.weight", "norm.weight"),
+        (r"lm_head\.weight", "lm_head.weight"),
+        (_L + r"(?P<n>input_layernorm|post_attention_layernorm)\.weight", "layers.{l}.{n}.weight"),
+        (_L + r"self_attn\.(?P<part>q|k|v)_proj\.(?P<w>weight|bias)", "layers.{l}.self_attn.qkv_proj.{w}"),
+        (_L + r"self_attn\.o_proj\.weight", "layers.{l}.self_attn.o_proj.weight"),
+        (_L + r"mlp\.(?P<part>gate|up)_proj\.weight", "layers.{l}.mlp.gate_up_proj.weight"),
+        (_L + r"mlp\.down_proj\.weight", "layers.{l}.mlp.down_proj.weight"),
+        (_L + r"(?:mlp|block_sparse_moe)\.gate\.weight", "layers.{l}.mlp.gate.weight"),
+        (_L + r"mlp" + _E + r"(?P<part>gate|up)_proj\.weight", "layers.{l}.mlp.w13"),
+        (_L + r"mlp" + _E + r"down_proj\.weight", "layers.{l}.mlp.w2"),
+        (_L + r"block_sparse_moe" + _E + r"(?P<part>w1|w3)\.weight", "layers.{l}.mlp.w13"),
+        (_L + r"block_sparse_moe" + _E + r"w2\.weight", "layers.{l}.mlp.w2"),
+        (_L + r"mlp\.shared_expert\.(?P<part>gate|up)_proj\.weight",
+         "layers.{l}.mlp.shared_expert.gate_up_proj.weight"),
+        (_L + r"mlp\.shared_expert\.down_proj\.weight", "layers.{l}.mlp.shared_expert.down_proj.weight"),
+        (_L + r"mlp\.shared_expert_gate\.weight", "layers.{l}.mlp.shared_expert_gate.weight"),
+    ]
+]
+_PART_INDEX = {"q": 0, "k": 1, "v": 2, "gate": 0, "up": 1, "w1": 0, "w3": 1}
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: TransformerLM
+    tokenizer: object  # models.tokenizer.Tokenizer
+    config: ModelConfig
+    model_id: str  # display name: embedded name or path
+    weights_hash: str  # sha256 over the weight files (identity for fingerprints and caches)
+
+
+def _target_view(model: TransformerLM, config: ModelConfig, target: str, e: str | None, part: str | None):
+    try:
+        param = model.get_parameter(target)
+    except AttributeError:
+        return None, None
+    view = param.data
+    if e is not None:
+        view = view[int(e)]
+    if part is not None:
+        idx = _PART_INDEX[part]
+        if ".qkv_proj." in target:
+            q = config.num_attention_heads * config.head_dim
+            kv = config.num_key_value_heads * config.head_dim
+            sizes = (q, kv, kv)
+        else:
+            half = view.shape[0] // 2
+            sizes = (half, half)
+        view = view.narrow(0, sum(sizes[:idx]), sizes[idx])
+    return param, view
+
+
+def load_state_dict(
+    model: TransformerLM, tensors: Iterator[tuple[str, torch.Tensor]], source: str
+) -> None:
+    """Copy HF-named tensors into `model` (casting to its dtype); check full coverage."""
+    config = model.config
+    filled: dict[str, int] = {}
+    for name, tensor in tensors:
+        if _IGNORED.match(name):
+            continue
+        for pattern, template in WEIGHT_RENAMES:
+            m = pattern.fullmatch(name)
+            if m:
+                break
+        else:
+            logger.warning("%s: ignoring unknown tensor %s", source, name)
+            continue
+        groups = m.groupdict()
+        target = template.format(**groups)
+        if target == "lm_head.weight" and model.lm_head is None:
+            continue  # tied embeddings: the checkpoint's copy is redundant
+        param, view = _target_view(model, config, target, groups.get("e"), groups.get("part"))
+        if view is None:
+            raise ModelLoadError(
+                f"{source}: tensor {name} does not fit a {config.model_type} model with this "
+                "config.json (layer or module missing); check that config.json belongs to these weights"
+            )
+        if tuple(view.shape) != tuple(tensor.shape):
+            raise ModelLoadError(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the config expects "
+                f"{tuple(view.shape)}; check that config.json belongs to these weights"
+            )
+        view.copy_(tensor)
+        filled[target] = filled.get(target, 0) + view.numel()
+    for target, param in model.named_parameters():
+        done = filled.get(target, 0)
+        assert done <= param.numel(), f"{target} written twice: duplicate tensors in {source}?"
+        if done < param.numel():
+            raise ModelLoadError(
+                f"{source}: no tensor for parameter {target} (HF name like "
+                f"{_hf_name_hint(target)}); the checkpoint is incomplete or not a "
+                f"{config.model_type} model"
+            )
+
+
+def _hf_name_hint(target: str) -> str:
+    return re.sub(r"^layers\.", "model.layers.", target).replace("qkv_proj", "q_proj").replace(
+        "gate_up_proj", "gate_proj"
+    )
+
+
+# -- formats ------------------------------------------------------------------------------
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise ModelLoadError(f"{index}: shard {f.name} is missing; download all shards")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = (
+            f" (found {', '.join(pickled)}: docpipe never unpickles; convert them to safetensors)"
+            if pickled
+            else ""
+        )
+        raise ModelLoadError(f"{path}: no *.safetensors weights in this directory{hint}")
+    return files
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key)
+
+
+@lru_cache(maxsize=16)
+def _hash_files(paths: tuple[str, ...], stamps: tuple[tuple[int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def weights_hash(files: list[Path]) -> str:
+    paths = tuple(str(f) for f in files)
+    stamps = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _hash_files(paths, stamps)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype={dtype!r} is not supported; use float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> TransformerLM:
+    with torch.device(device):
+        model = TransformerLM(config)
+    return model.to(dtype=dtype).eval()
+
+
+def load_model(
+    name_or_path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu"
+) -> LoadedModel:
+    """Load a checkpoint and its tokenizer: an embedded name, a `.gguf` file or an HF directory."""
+    torch_dtype = resolve_dtype(dtype)
+    path = resolve_model_path(name_or_path)
+    model_id = str(name_or_path) if str(name_or_path) in EMBEDDED_MODELS else str(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from models.gguf import load_gguf
+
+        hf_config, state = load_gguf(path, dtype=torch_dtype)
+        config = ModelConfig.from_hf_dict(hf_config, source=str(path))
+        config.name = model_id
+        model = build_model(config, torch_dtype, device)
+        load_state_dict(model, iter(state.items()), str(path))
+        from models.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_gguf(path)
+        files = [path]
+    elif path.is_dir():
+        config = ModelConfig.from_json_file(path / "config.json")
+        config.name = model_id
+        files = _safetensors_files(path)
+        model = build_model(config, torch_dtype, device)
+        load_state_dict(model, _iter_safetensors(files), str(path))
+        tokenizer = None
+        if (path / "tokenizer.json").is_file():
+            from models.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_dir(path)
+    else:
+        raise ModelLoadError(
+            f"{path}: not a model; pass a .gguf file or a directory with config.json and *.safetensors"
+        )
+    logger.info("loaded %s (%s, %s) on %s", model_id, config.model_type, torch_dtype, device)
+    return LoadedModel(model, tokenizer, config, model_id, weights_hash(files))

@@ -1,0 +1,133 @@
+"""Mixture-of-experts feed-forward block, its gate, and the load-balancing losses.
+
+Dispatch groups tokens by expert instead of looping over tokens:
+
+    router logits [N, E] -> softmax -> top-k (weights [N, K], expert ids [N, K])
+    flatten the N*K (token, expert) pairs, stable-sort them by expert id
+    for each expert with work: one SwiGLU matmul chain over its contiguous slice
+    scale by the routing weight, scatter-add back to the token rows
+
+Every forward adds its per-expert token counts (each token counted once per chosen expert, so
+they sum to N*K) to `expert_counts`, and, when given a `RouteStats`, to the row of the sequence
+that sent the token, so an engine can attribute expert usage to requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+from models.layers import GatedMLP, Linear, empty_param
+
+
+def moe_gate(
+    router_logits: torch.Tensor, top_k: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k gate: (weights [N, K] fp32, expert ids [N, K])."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, expert_ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, expert_ids
+
+
+@dataclass(slots=True)
+class RouteStats:
+    """Per-sequence expert accounting for one forward pass."""
+
+    token_seq_ids: torch.Tensor  # [N] which sequence (row of counts) each token belongs to
+    counts: torch.Tensor  # [B, E] int64, accumulated over all MoE layers
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        E, H, I = config.num_local_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts, self.top_k = E, config.num_experts_per_tok
+        self.normalize = config.norm_topk_prob
+        self.intermediate_size = I
+        self.gate = Linear(H, E)
+        self.w13 = empty_param(E, 2 * I, H)  # per expert: [gate; up], HF [out, in] layout
+        self.w2 = empty_param(E, H, I)  # per expert: down
+        self.shared_expert: GatedMLP | None = None
+        self.shared_expert_gate: Linear | None = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = GatedMLP(H, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = Linear(H, 1)
+        self.register_buffer("expert_counts", torch.zeros(E, dtype=torch.long), persistent=False)
+        self.last_router_logits: torch.Tensor | None = None
+
+    def forward(
+        self, x: torch.Tensor, route_stats: RouteStats | None = None, keep_logits: bool = False
+    ) -> torch.Tensor:
+        N, H = x.shape
+        router_logits = self.gate(x)  # [N, E]
+        self.last_router_logits = router_logits if keep_logits else None
+        weights, expert_ids = moe_gate(router_logits, self.top_k, self.normalize)
+
+        flat_ids = expert_ids.reshape(-1)  # [N*K]
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        self.expert_counts += counts
+        if route_stats is not None:
+            seq_ids = route_stats.token_seq_ids.repeat_interleave(self.top_k)
+            route_stats.counts.index_put_(
+                (seq_ids, flat_ids), torch.ones_like(flat_ids), accumulate=True
+            )
+
+        order = torch.argsort(flat_ids, stable=True)
+        token_rows = order // self.top_k
+        x_sorted = x[token_rows]
+        out_sorted = torch.empty_like(x_sorted)
+        start = 0
+        for e, n in enumerate(counts.tolist()):  # one host sync per layer, not per token
+            if n == 0:
+                continue
+            xs = x_sorted[start : start + n]
+            gate, up = F.linear(xs, self.w13[e]).split(self.intermediate_size, dim=-1)
+            out_sorted[start : start + n] = F.linear(F.silu(gate) * up, self.w2[e])
+            start += n
+        out_sorted = out_sorted * weights.reshape(-1)[order].unsqueeze(1).to(x.dtype)
+        out = torch.zeros_like(x).index_add_(0, token_rows, out_sorted)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return out
+
+
+def switch_load_balancing_loss(
+    router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    num_experts: int,
+    top_k: int,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """Switch-Transformer loss `alpha * E * sum_i f_i * P_i` over all layers' tokens.
+
+    f_i: fraction of (token, choice) assignments routed to expert i (sums to top_k);
+    P_i: mean router probability of expert i. Equals transformers' `load_balancing_loss_func`.
+    """
+    logits = torch.cat([t.float().reshape(-1, num_experts) for t in router_logits])
+    probs = torch.softmax(logits, dim=-1)
+    _, chosen = torch.topk(probs, top_k, dim=-1)
+    counts = torch.bincount(chosen.reshape(-1), minlength=num_experts).float()
+    f = counts / logits.shape[0]
+    p = probs.mean(dim=0)
+    return alpha * num_experts * torch.sum(f * p)
+
+
+def squared_deviation_loss(
+    router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...], alpha: float = 1.0
+) -> torch.Tensor:
+    """`alpha * sum_i (p_i - 1/E)^2`, p_i the mean router probability of expert i.
+
+    Zero exactly when the gate spreads probability evenly; averaged over layers.
+    """
+    losses = []
+    for t in router_logits:
+        probs = torch.softmax(t.float().reshape(-1, t.shape[-1]), dim=-1)
+        p = probs.mean(dim=0)
+        losses.append(torch.sum((p - 1.0 / p.numel()) ** 2))
+    return alpha * torch.stack(losses).mean()

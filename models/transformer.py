@@ -1,0 +1,118 @@
+"""Decoder-only transformer for llama / mistral / qwen2 (dense) and mixtral / qwen2_moe (MoE).
+
+The forward pass takes a flat batch of tokens ([N], many sequences concatenated) with their
+positions and an `AttentionMetadata`, and returns hidden states [N, hidden]. Logits are computed
+separately for the rows that need them (the last token of each sequence), so prefill never pays
+for the [N, vocab] projection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.attention import AttentionMetadata, Attention
+from models.config import ModelConfig
+from models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, empty_param
+from models.moe import RouteStats, SparseMoeBlock
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_id)
+        self.is_moe = config.is_moe_layer(layer_id)
+        self.mlp: nn.Module = (
+            SparseMoeBlock(config)
+            if self.is_moe
+            else GatedMLP(config.hidden_size, config.intermediate_size)
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, meta, kv_cache, route_stats, keep_router_logits):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            h = self.mlp(h, route_stats, keep_router_logits)
+        else:
+            h = self.mlp(h)
+        return x + h
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = empty_param(config.vocab_size, config.hidden_size)
+        self.rotary = RotaryEmbedding(config)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else Linear(
+            config.hidden_size, config.vocab_size
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [N]
+        positions: torch.Tensor,  # [N]
+        meta: AttentionMetadata,
+        kv_caches: list[KVCache] | None = None,
+        route_stats: RouteStats | None = None,
+        keep_router_logits: bool = False,
+    ) -> torch.Tensor:
+        x = self.embed_tokens[input_ids]
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            kv = kv_caches[i] if kv_caches is not None else None
+            x = layer(x, cos, sin, meta, kv, route_stats, keep_router_logits)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()
+
+    # -- conveniences for tests and scoring -------------------------------------------------
+    @torch.inference_mode()
+    def logits_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full logits [B, T, V] for a padded-free batch [B, T] with no cache (reference use)."""
+        B, T = input_ids.shape
+        meta = AttentionMetadata.for_dense([T] * B)
+        positions = torch.arange(T, device=input_ids.device).repeat(B)
+        hidden = self.forward(input_ids.reshape(-1), positions, meta)
+        return self.compute_logits(hidden).view(B, T, -1)
+
+    def router_logits(self) -> list[torch.Tensor]:
+        """Router logits kept by the last forward with keep_router_logits=True, one per MoE layer."""
+        return [
+            layer.mlp.last_router_logits
+            for layer in self.layers
+            if layer.is_moe and layer.mlp.last_router_logits is not None
+        ]
+
+    def expert_counts(self) -> torch.Tensor | None:
+        """Tokens routed to each expert since load, summed over MoE layers ([E]), or None."""
+        counts = [layer.mlp.expert_counts for layer in self.layers if layer.is_moe]
+        return torch.stack(counts).sum(0) if counts else None
+
+    @torch.no_grad()
+    def init_random_weights(self, seed: int = 0, std: float = 0.02) -> TransformerLM:
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+        return self
