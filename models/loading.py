@@ -92,6 +92,16 @@ def _target_view(model: TransformerLM, config: ModelConfig, target: str, e: str 
     return param, view
 
 
+def _rename(name: str) -> tuple[dict[str, str | None], str] | None:
+    """(regex groups, docpipe parameter name) for an HF tensor name, or None if unknown."""
+    for pattern, template in WEIGHT_RENAMES:
+        m = pattern.fullmatch(name)
+        if m:
+            groups = m.groupdict()
+            return groups, template.format(**groups)
+    return None
+
+
 def load_state_dict(
     model: TransformerLM, tensors: Iterator[tuple[str, torch.Tensor]], source: str
 ) -> None:
@@ -101,15 +111,11 @@ def load_state_dict(
     for name, tensor in tensors:
         if _IGNORED.match(name):
             continue
-        for pattern, template in WEIGHT_RENAMES:
-            m = pattern.fullmatch(name)
-            if m:
-                break
-        else:
+        match = _rename(name)
+        if match is None:
             logger.warning("%s: ignoring unknown tensor %s", source, name)
             continue
-        groups = m.groupdict()
-        target = template.format(**groups)
+        groups, target = match
         if target == "lm_head.weight" and model.lm_head is None:
             continue  # tied embeddings: the checkpoint's copy is redundant
         param, view = _target_view(model, config, target, groups.get("e"), groups.get("part"))
@@ -241,3 +247,39 @@ def load_model(
         )
     logger.info("loaded %s (%s, %s) on %s", model_id, config.model_type, torch_dtype, device)
     return LoadedModel(model, tokenizer, config, model_id, weights_hash(files))
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """What a driver needs to build prompts for a model, without its weights."""
+
+    model_id: str
+    config: ModelConfig
+    tokenizer: object
+    weights_hash: str
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_position_embeddings
+
+
+def describe_model(name_or_path: str | Path) -> ModelInfo:
+    path = resolve_model_path(name_or_path)
+    model_id = str(name_or_path) if str(name_or_path) in EMBEDDED_MODELS else str(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from models.gguf import read_gguf_config
+        from models.tokenizer import Tokenizer
+
+        config = ModelConfig.from_hf_dict(read_gguf_config(path), source=str(path))
+        return ModelInfo(model_id, config, Tokenizer.from_gguf(path), weights_hash([path]))
+    if path.is_dir():
+        config = ModelConfig.from_json_file(path / "config.json")
+        tokenizer = None
+        if (path / "tokenizer.json").is_file():
+            from models.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_dir(path)
+        return ModelInfo(model_id, config, tokenizer, weights_hash(_safetensors_files(path)))
+    raise ModelLoadError(
+        f"{path}: not a model; pass a .gguf file or a directory with config.json and *.safetensors"
+    )

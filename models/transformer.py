@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.attention import AttentionMetadata, Attention
+from models.attention import Attention, AttentionMetadata
 from models.config import ModelConfig
 from models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, empty_param
 from models.moe import RouteStats, SparseMoeBlock

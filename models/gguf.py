@@ -1,0 +1,457 @@
+"""Read GGUF checkpoints (llama.cpp's one-file format) as an HF config dict and HF-named tensors.
+
+File layout (little-endian), parsed here straight from a memory map:
+
+    magic "GGUF" | u32 version | u64 num_tensors | u64 num_kv
+    num_kv      x (string key, u32 value type, value)
+    num_tensors x (string name, u32 num_dims, u64 dims[num_dims] innermost first, u32 type,
+                   u64 offset)
+    padding to `general.alignment` (32) | tensor data (offsets are relative to its start)
+
+Only the metadata is decoded up front; a tensor's bytes are read (and dequantized into a fresh
+array) when it is loaded, so nothing is copied beyond what dequantization needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
+
+_MAGIC = b"GGUF"
+_DEFAULT_ALIGNMENT = 32
+_FIX_REDOWNLOAD = "re-download or re-convert the file"
+
+# GGUF metadata value types.
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                   10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+                 10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+
+
+# -- dequantization -------------------------------------------------------------------------
+# Each function maps blocks [N, type_size] uint8 -> values [N, block_size] float32.
+def _f32(blocks: np.ndarray) -> np.ndarray:
+    return blocks.view("<f4").astype(np.float32)  # astype copies: the result is writable
+
+
+def _f16(blocks: np.ndarray) -> np.ndarray:
+    return blocks.view("<f2").astype(np.float32)
+
+
+def _bf16(blocks: np.ndarray) -> np.ndarray:
+    # bfloat16 is the top half of a float32.
+    return (blocks.view("<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+def _scale(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The fp16 scalar at byte `start` of every block, as an fp32 column [N, 1]."""
+    return blocks[:, start : start + 2].view("<f2").astype(np.float32)
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """[N, 16] bytes -> [N, 32] 4-bit values: low nibbles are elements 0..15, high ones 16..31."""
+    return np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)
+
+
+def _q8_0(blocks: np.ndarray) -> np.ndarray:  # fp16 d | 32 x int8 q;  w = d * q
+    return _scale(blocks, 0) * blocks[:, 2:].view(np.int8).astype(np.float32)
+
+
+def _q4_0(blocks: np.ndarray) -> np.ndarray:  # fp16 d | 16 bytes of nibbles;  w = d * (q - 8)
+    return _scale(blocks, 0) * (_nibbles(blocks[:, 2:]) - 8.0)
+
+
+def _q4_1(blocks: np.ndarray) -> np.ndarray:  # fp16 d | fp16 m | 16 bytes of nibbles;  w = d * q + m
+    return _scale(blocks, 0) * _nibbles(blocks[:, 4:]) + _scale(blocks, 2)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorFormat:
+    name: str
+    block_size: int  # elements per block
+    type_size: int  # bytes per block
+    dequantize: Callable[[np.ndarray], np.ndarray]
+
+
+# ggml type id -> format. Anything else is refused with the list of these names.
+TENSOR_FORMATS: dict[int, TensorFormat] = {
+    0: TensorFormat("F32", 1, 4, _f32),
+    1: TensorFormat("F16", 1, 2, _f16),
+    2: TensorFormat("Q4_0", 32, 18, _q4_0),
+    3: TensorFormat("Q4_1", 32, 20, _q4_1),
+    8: TensorFormat("Q8_0", 32, 34, _q8_0),
+    30: TensorFormat("BF16", 1, 2, _bf16),
+}
+
+
+def _type_name(ggml_type: int) -> str:
+    if ggml_type in TENSOR_FORMATS:
+        return TENSOR_FORMATS[ggml_type].name
+    try:
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(ggml_type).name
+    except (ImportError, ValueError):
+        return f"type {ggml_type}"
+
+
+# -- file parsing ---------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class GGUFTensorInfo:
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]  # torch order (outermost first); the file lists dims innermost first
+    offset: int  # absolute byte offset in the file
+
+    @property
+    def num_elements(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(slots=True)
+class GGUFFile:
+    """A parsed GGUF header over a read-only memory map of the whole file."""
+
+    path: Path
+    metadata: dict[str, object]
+    tensors: dict[str, GGUFTensorInfo]
+    buffer: mmap.mmap
+
+    def read_tensor(self, name: str) -> np.ndarray:
+        """The dequantized tensor as a fresh, writable float32 array in torch order."""
+        info = self.tensors[name]
+        fmt = TENSOR_FORMATS.get(info.ggml_type)
+        if fmt is None:
+            supported = ", ".join(f.name for f in TENSOR_FORMATS.values())
+            raise ModelLoadError(
+                f"{self.path}: tensor {name} has type {_type_name(info.ggml_type)}, which docpipe "
+                f"cannot dequantize (supported: {supported}); re-quantize the model to one of those"
+            )
+        if info.num_elements % fmt.block_size or (info.shape and info.shape[-1] % fmt.block_size):
+            raise ModelLoadError(
+                f"{self.path}: tensor {name} with shape {info.shape} does not split into "
+                f"{fmt.name} blocks of {fmt.block_size}; {_FIX_REDOWNLOAD}"
+            )
+        num_blocks = info.num_elements // fmt.block_size
+        if info.offset + num_blocks * fmt.type_size > len(self.buffer):
+            raise ModelLoadError(
+                f"{self.path}: tensor {name} runs past the end of the file (truncated?); "
+                f"{_FIX_REDOWNLOAD}"
+            )
+        blocks = np.frombuffer(
+            self.buffer, np.uint8, num_blocks * fmt.type_size, info.offset
+        ).reshape(num_blocks, fmt.type_size)
+        values = fmt.dequantize(blocks)
+        assert values.shape == (num_blocks, fmt.block_size) and values.dtype == np.float32, (
+            f"{fmt.name} dequantizer returned {values.shape} {values.dtype}: bad block layout?"
+        )
+        return values.reshape(info.shape)
+
+
+class _Cursor:
+    """Sequential little-endian reads from a buffer."""
+
+    def __init__(self, buffer: mmap.mmap) -> None:
+        self.buffer = buffer
+        self.pos = 0
+
+    def scalar(self, fmt: str):
+        (value,) = struct.unpack_from(fmt, self.buffer, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        length = self.scalar("<Q")
+        raw = self.buffer[self.pos : self.pos + length]
+        if len(raw) != length:
+            raise struct.error("string runs past the end of the file")
+        self.pos += length
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, value_type: int):
+        if value_type in _SCALAR_FORMATS:
+            return self.scalar(_SCALAR_FORMATS[value_type])
+        if value_type == _STRING:
+            return self.string()
+        if value_type == _ARRAY:
+            item_type, count = self.scalar("<I"), self.scalar("<Q")
+            if item_type in _NUMPY_DTYPES:
+                dtype = np.dtype(_NUMPY_DTYPES[item_type])
+                items = np.frombuffer(self.buffer, dtype, count, self.pos)
+                self.pos += count * dtype.itemsize
+                return items.tolist()
+            if item_type == _STRING:  # vocabularies: ~100k strings, so a tight loop
+                buffer, unpack, pos, items = self.buffer, struct.Struct("<Q").unpack_from, self.pos, []
+                for _ in range(count):
+                    (length,) = unpack(buffer, pos)
+                    items.append(buffer[pos + 8 : pos + 8 + length].decode("utf-8", errors="replace"))
+                    pos += 8 + length
+                if pos > len(buffer):
+                    raise struct.error("string array runs past the end of the file")
+                self.pos = pos
+                return items
+            return [self.value(item_type) for _ in range(count)]
+        raise ValueError(f"unknown metadata value type {value_type}")
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+    """Parse a GGUF file's metadata and tensor table (tensor data stays on disk)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as exc:  # ValueError: empty file
+        raise ModelLoadError(f"{path}: cannot open GGUF file ({exc}); check the path") from None
+    if buffer[:4] != _MAGIC:
+        raise ModelLoadError(
+            f"{path}: not a GGUF file (magic {bytes(buffer[:4])!r}); pass a .gguf file from llama.cpp"
+        )
+    cursor = _Cursor(buffer)
+    cursor.pos = 4
+    try:
+        version = cursor.scalar("<I")
+        if version not in (2, 3):
+            hint = " (big-endian files are not supported)" if version > 0xFFFF else ""
+            raise ModelLoadError(
+                f"{path}: GGUF version {version} is not supported{hint}; convert it with a current "
+                "llama.cpp to a little-endian GGUF v3 file"
+            )
+        num_tensors, num_kv = cursor.scalar("<Q"), cursor.scalar("<Q")
+        metadata: dict[str, object] = {}
+        for _ in range(num_kv):
+            key = cursor.string()
+            metadata[key] = cursor.value(cursor.scalar("<I"))
+        entries = []
+        for _ in range(num_tensors):
+            name = cursor.string()
+            num_dims = cursor.scalar("<I")
+            dims = struct.unpack_from(f"<{num_dims}Q", buffer, cursor.pos)
+            cursor.pos += 8 * num_dims
+            entries.append((name, cursor.scalar("<I"), tuple(reversed(dims)), cursor.scalar("<Q")))
+    except (struct.error, ValueError) as exc:
+        raise ModelLoadError(
+            f"{path}: corrupt or truncated GGUF header ({exc}); {_FIX_REDOWNLOAD}"
+        ) from None
+    alignment = int(metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
+    data_start = -(-cursor.pos // alignment) * alignment
+    tensors = {
+        name: GGUFTensorInfo(name, ggml_type, shape, data_start + offset)
+        for name, ggml_type, shape, offset in entries
+    }
+    return GGUFFile(path, metadata, tensors, buffer)
+
+
+def read_gguf_metadata(path: str | Path) -> dict[str, object]:
+    """All key/value fields of a GGUF file as plain Python values (str, int, float, bool, list)."""
+    return open_gguf(path).metadata
+
+
+# -- config ---------------------------------------------------------------------------------
+_REQUIRED = object()
+
+
+def _meta(gguf_file: GGUFFile, key: str, default: object = _REQUIRED) -> object:
+    if key in gguf_file.metadata:
+        return gguf_file.metadata[key]
+    if default is _REQUIRED:
+        raise ModelLoadError(f"{gguf_file.path}: metadata key {key} is missing; {_FIX_REDOWNLOAD}")
+    return default
+
+
+def _llama3_freq_factors(scaling: dict, rope_theta: float, head_dim: int) -> np.ndarray:
+    """The per-pair RoPE divisors llama.cpp stores in `rope_freqs.weight` for llama3 scaling."""
+    inv_freq = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    old_ctx = scaling["original_max_position_embeddings"]
+    low, high, factor = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, mid))
+
+
+def _rope_scaling(gguf_file: GGUFFile, arch: str, rope_theta: float, head_dim: int) -> dict | None:
+    path = gguf_file.path
+    kind = _meta(gguf_file, f"{arch}.rope.scaling.type", None)
+    factor = _meta(gguf_file, f"{arch}.rope.scaling.factor", None)
+    if kind is None and _meta(gguf_file, f"{arch}.rope.scale_linear", None) is not None:
+        kind, factor = "linear", _meta(gguf_file, f"{arch}.rope.scale_linear")
+    if kind not in (None, "none"):
+        scaling: dict[str, object] = {"rope_type": kind, "factor": float(factor or 1.0)}
+        original = _meta(gguf_file, f"{arch}.rope.scaling.original_context_length", None)
+        if original is not None:
+            scaling["original_max_position_embeddings"] = int(original)
+        return scaling
+    if "rope_freqs.weight" not in gguf_file.tensors:
+        return None
+    # Llama 3.1+ files carry llama3 scaling only as precomputed per-pair divisors. Every Llama 3
+    # release uses low/high = 1/4 over an 8192-token original context; accept the file only if
+    # those settings reproduce the stored divisors.
+    stored = gguf_file.read_tensor("rope_freqs.weight").astype(np.float64).ravel()
+    scaling = {"rope_type": "llama3", "factor": float(stored.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    expected = _llama3_freq_factors(scaling, rope_theta, head_dim)
+    if expected.shape != stored.shape or not np.allclose(expected, stored, rtol=1e-4):
+        raise ModelLoadError(
+            f"{path}: rope_freqs.weight holds RoPE frequency factors that match no llama3 "
+            "rope_scaling docpipe knows; load the model's HF safetensors checkpoint instead"
+        )
+    return scaling if scaling["factor"] != 1.0 else None
+
+
+def _gguf_config(gguf_file: GGUFFile) -> dict:
+    path = gguf_file.path
+    arch = _meta(gguf_file, "general.architecture")
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: GGUF architecture {arch!r} is not supported; docpipe loads "
+            f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)} GGUF files (use the model's HF safetensors "
+            "checkpoint for other architectures)"
+        )
+    if _meta(gguf_file, f"{arch}.expert_count", 0):
+        raise ModelLoadError(
+            f"{path}: mixture-of-experts GGUF files are not supported; load the model's HF "
+            "safetensors checkpoint instead"
+        )
+    _require(gguf_file, "token_embd.weight")
+    hidden_size = int(_meta(gguf_file, f"{arch}.embedding_length"))
+    num_heads = int(_meta(gguf_file, f"{arch}.attention.head_count"))
+    num_kv_heads = _meta(gguf_file, f"{arch}.attention.head_count_kv", num_heads)
+    if isinstance(num_kv_heads, list):  # per-layer counts; docpipe needs one
+        if len(set(num_kv_heads)) != 1:
+            raise ModelLoadError(
+                f"{path}: layers have different KV head counts {sorted(set(num_kv_heads))}, which "
+                "docpipe does not support; load the model's HF safetensors checkpoint instead"
+            )
+        num_kv_heads = num_kv_heads[0]
+    head_dim = int(_meta(gguf_file, f"{arch}.attention.key_length", hidden_size // num_heads))
+    rope_dims = _meta(gguf_file, f"{arch}.rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
+        raise ModelLoadError(
+            f"{path}: RoPE covers {rope_dims} of {head_dim} head dims (partial rotary), which "
+            "llama models do not use; check that the file is a llama model"
+        )
+    rope_theta = float(_meta(gguf_file, f"{arch}.rope.freq_base", 10000.0))
+    config: dict[str, object] = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": gguf_file.tensors["token_embd.weight"].shape[0],
+        "hidden_size": hidden_size,
+        "intermediate_size": int(_meta(gguf_file, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(_meta(gguf_file, f"{arch}.block_count")),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": int(num_kv_heads),
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(_meta(gguf_file, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": rope_theta,
+        "max_position_embeddings": int(_meta(gguf_file, f"{arch}.context_length", 4096)),
+        # llama.cpp writes output.weight only when it differs from the embedding.
+        "tie_word_embeddings": "output.weight" not in gguf_file.tensors,
+        "attention_bias": "blk.0.attn_q.bias" in gguf_file.tensors,
+        "bos_token_id": _meta(gguf_file, "tokenizer.ggml.bos_token_id", None),
+        "eos_token_id": _meta(gguf_file, "tokenizer.ggml.eos_token_id", None),
+        "pad_token_id": _meta(gguf_file, "tokenizer.ggml.padding_token_id", None),
+    }
+    scaling = _rope_scaling(gguf_file, arch, rope_theta, head_dim)
+    if scaling is not None:
+        config["rope_scaling"] = scaling
+    return config
+
+
+def read_gguf_config(path: str | Path) -> dict:
+    """The HF llama `config.json` dict a GGUF file describes, without reading its weights."""
+    return _gguf_config(open_gguf(path))
+
+
+# -- tensors --------------------------------------------------------------------------------
+# GGUF name -> (HF name, head-count field whose rows to un-permute, required). `{i}` is the layer.
+GGUF_TO_HF: dict[str, tuple[str, str | None, bool]] = {
+    "token_embd.weight": ("model.embed_tokens.weight", None, True),
+    "output_norm.weight": ("model.norm.weight", None, True),
+    "output.weight": ("lm_head.weight", None, False),
+    "blk.{i}.attn_norm.weight": ("model.layers.{i}.input_layernorm.weight", None, True),
+    "blk.{i}.attn_q.weight": ("model.layers.{i}.self_attn.q_proj.weight", "num_attention_heads", True),
+    "blk.{i}.attn_k.weight": ("model.layers.{i}.self_attn.k_proj.weight", "num_key_value_heads", True),
+    "blk.{i}.attn_v.weight": ("model.layers.{i}.self_attn.v_proj.weight", None, True),
+    "blk.{i}.attn_q.bias": ("model.layers.{i}.self_attn.q_proj.bias", "num_attention_heads", False),
+    "blk.{i}.attn_k.bias": ("model.layers.{i}.self_attn.k_proj.bias", "num_key_value_heads", False),
+    "blk.{i}.attn_v.bias": ("model.layers.{i}.self_attn.v_proj.bias", None, False),
+    "blk.{i}.attn_output.weight": ("model.layers.{i}.self_attn.o_proj.weight", None, True),
+    "blk.{i}.ffn_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight", None, True),
+    "blk.{i}.ffn_gate.weight": ("model.layers.{i}.mlp.gate_proj.weight", None, True),
+    "blk.{i}.ffn_up.weight": ("model.layers.{i}.mlp.up_proj.weight", None, True),
+    "blk.{i}.ffn_down.weight": ("model.layers.{i}.mlp.down_proj.weight", None, True),
+}
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
+_CONSUMED = {"rope_freqs.weight"}  # folded into the config's rope_scaling
+
+
+def _require(gguf_file: GGUFFile, name: str) -> None:
+    if name not in gguf_file.tensors:
+        raise ModelLoadError(
+            f"{gguf_file.path}: required tensor {name} is missing; the file is incomplete or not a "
+            f"llama model ({_FIX_REDOWNLOAD})"
+        )
+
+
+def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order: per head, rotary pairs interleaved -> HF's half split.
+
+    llama.cpp rotates adjacent rows (x0, y0, x1, y1, ...); HF's rotate_half pairs row j with
+    row j + D/2. The converter reorders each head's rows into the first form; this reverses it.
+    """
+    rows = weight.shape[0]
+    assert rows % (2 * num_heads) == 0, f"{rows} rows do not split into {num_heads} rotary heads"
+    per_head = weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+    return np.ascontiguousarray(per_head.swapaxes(1, 2)).reshape(weight.shape)
+
+
+def load_gguf(
+    path: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`(hf_config, state_dict)` of a llama GGUF file, with HF names, shapes and q/k row order."""
+    gguf_file = open_gguf(path)
+    config = _gguf_config(gguf_file)
+    num_layers = config["num_hidden_layers"]
+    for template, (_, _, required) in GGUF_TO_HF.items():
+        if required:
+            for i in range(num_layers if "{i}" in template else 1):
+                _require(gguf_file, template.format(i=i))
+
+    state_dict: dict[str, torch.Tensor] = {}
+    for name in gguf_file.tensors:
+        match = _LAYER_NAME.fullmatch(name)
+        template = f"blk.{{i}}.{match.group(2)}" if match else name
+        if template not in GGUF_TO_HF:
+            if name not in _CONSUMED:
+                logger.warning("%s: ignoring tensor %s (no HF llama equivalent)", gguf_file.path, name)
+            continue
+        if match and int(match.group(1)) >= num_layers:
+            logger.warning(
+                "%s: ignoring tensor %s (block_count is %d)", gguf_file.path, name, num_layers
+            )
+            continue
+        hf_template, heads_field, _ = GGUF_TO_HF[template]
+        values = gguf_file.read_tensor(name)
+        if heads_field is not None:
+            values = unpermute_rotary_rows(values, config[heads_field])
+        hf_name = hf_template.format(i=match.group(1) if match else "")
+        state_dict[hf_name] = torch.from_numpy(values).to(dtype)
+    logger.debug("%s: loaded %d tensors", gguf_file.path, len(state_dict))
+    return config, state_dict
