@@ -1,0 +1,180 @@
+"""An engine on a background thread: requests go in, finished results come out.
+
+This is the body of a model replica. `EngineHost` keeps the engine stepping while requests
+arrive, so batches stay full as documents come and go; the Ray actor (`workers.actor`) and the
+in-process pool (`workers.pool.LocalPool`) both wrap it. It takes and returns plain data.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EngineSpec:
+    """Everything a replica needs to build its engine (plain, picklable data)."""
+
+    model: str
+    dtype: str = "bfloat16"
+    device: str | None = None  # None: cuda when visible, else cpu
+    num_threads: int | None = None  # torch intra-op threads on CPU
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
+
+
+@dataclass(slots=True)
+class WorkRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: dict[str, Any]  # SamplingParams fields
+    routing_key: str = ""
+
+
+@dataclass(slots=True)
+class WorkResult:
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_generated_tokens: int = 0
+    expert_token_counts: list[int] | None = None
+    latency_s: float = 0.0
+    replica: int = -1
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_engine(spec: EngineSpec):
+    import torch
+
+    from models import EngineConfig, LLMEngine, load_model
+    from models.llm import default_device
+
+    if spec.num_threads:
+        torch.set_num_threads(spec.num_threads)
+    loaded = load_model(spec.model, dtype=spec.dtype, device=spec.device or default_device())
+    engine = LLMEngine(loaded.model, loaded.tokenizer, EngineConfig(**spec.engine))
+    return engine, loaded
+
+
+class EngineHost:
+    def __init__(self, spec: EngineSpec, replica: int = 0, engine=None) -> None:
+        self.replica = replica
+        if engine is None:
+            engine, _ = build_engine(spec)
+        self.engine = engine
+        self._intake: deque[WorkRequest] = deque()
+        self._done: list[WorkResult] = []
+        self._aborts: list[str] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._error: str | None = None
+        self._submitted_at: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{replica}", daemon=True)
+        self._thread.start()
+
+    # -- called by clients (any thread) -----------------------------------------------------
+    def submit(self, requests: list[WorkRequest]) -> None:
+        with self._cond:
+            if self._error:
+                raise RuntimeError(f"replica {self.replica} engine failed: {self._error}")
+            self._intake.extend(requests)
+            self._cond.notify_all()
+
+    def collect(self, timeout: float = 1.0) -> list[WorkResult]:
+        """Finished results since the last call; waits up to `timeout` s for at least one."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._done and not self._error:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            if self._error and not self._done:
+                raise RuntimeError(f"replica {self.replica} engine failed: {self._error}")
+            done, self._done = self._done, []
+            return done
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.engine.stats()  # a snapshot; counters may move while it is taken
+        stats["replica"] = self.replica
+        stats["queued"] = len(self._intake)
+        return stats
+
+    def abort(self, request_ids: list[str]) -> None:
+        with self._cond:
+            self._aborts.extend(request_ids)
+            self._cond.notify_all()
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+
+    # -- the stepping thread ----------------------------------------------------------------
+    def _admit(self, requests: list[WorkRequest]) -> list[WorkResult]:
+        from models import SamplingParams
+
+        failed = []
+        for req in requests:
+            self._submitted_at[req.request_id] = time.perf_counter()
+            try:
+                self.engine.add_request(req.request_id, req.prompt_token_ids,
+                                        SamplingParams(**req.sampling))
+            except (ValueError, TypeError) as exc:  # a bad request fails alone
+                failed.append(WorkResult(req.request_id, replica=self.replica, error=str(exc)))
+                self._submitted_at.pop(req.request_id, None)
+        return failed
+
+    def _result(self, out, now: float) -> WorkResult:
+        return WorkResult(
+            request_id=out.request_id, text=out.text, token_ids=out.token_ids,
+            finish_reason=out.finish_reason, num_prompt_tokens=out.num_prompt_tokens,
+            num_cached_tokens=out.num_cached_tokens,
+            num_generated_tokens=out.num_generated_tokens,
+            expert_token_counts=out.expert_token_counts,
+            latency_s=now - self._submitted_at.pop(out.request_id, now), replica=self.replica,
+        )
+
+    def _loop(self) -> None:
+        # Only this thread touches the engine; clients exchange data under the lock between
+        # steps, so a long step never blocks `submit` or `collect`.
+        try:
+            while True:
+                with self._cond:
+                    while not (self._stop or self._intake or self._aborts
+                               or self.engine.has_unfinished()):
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    intake, self._intake = list(self._intake), deque()
+                    aborts, self._aborts = self._aborts, []
+                done = self._admit(intake)
+                for rid in aborts:
+                    self.engine.abort(rid)
+                    self._submitted_at.pop(rid, None)
+                if self.engine.has_unfinished():
+                    outputs = self.engine.step()
+                    now = time.perf_counter()
+                    done += [self._result(out, now) for out in outputs]
+                if done:
+                    with self._cond:
+                        self._done.extend(done)
+                        self._cond.notify_all()
+        except Exception:  # a bug or OOM in the engine: report it to every client call
+            self._error = traceback.format_exc(limit=5)
+            logger.error("replica %d engine failed:\n%s", self.replica, self._error)
+            with self._cond:
+                self._cond.notify_all()
