@@ -287,7 +287,10 @@ def _dedup(docs: Iterator[Document], limit: int | None) -> Iterator[Document]:
     for doc in docs:
         seen_at = first_source.get(doc.doc_id)
         if seen_at is not None:
-            doc = Document(doc.doc_id, doc.source, None, doc.content_hash, doc.metadata,
+            # The copy still gets its own row (nothing is lost), under an id of its own so
+            # the output keeps one row per id: "<id>#dup@<source>".
+            doc = Document(f"{doc.doc_id}#dup@{doc.source}", doc.source, None, doc.content_hash,
+                           doc.metadata,
                            f"{doc.source}: duplicate doc_id {doc.doc_id!r}, first seen at "
                            f"{seen_at}; make the ids unique")
         else:

@@ -179,6 +179,7 @@ def test_duplicate_ids_fail_after_the_first(tmp_path):
                                               {"id": "x", "text": "second"}])
     docs = list(open_store(path))
     assert [d.is_ok for d in docs] == [True, True, False]
+    assert docs[2].doc_id == f"x#dup@{path}#3"  # its own row, under an id of its own
     assert docs[2].error == (f"{path}#3: duplicate doc_id 'x', first seen at {path}#1; "
                              "make the ids unique")
     pq_path = write_parquet(tmp_path / "d.parquet", [{"id": "x", "text": "a"},

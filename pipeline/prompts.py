@@ -1,0 +1,52 @@
+"""Prompt templates. Their text is part of the config fingerprint (`PROMPT_VERSION`)."""
+
+from __future__ import annotations
+
+import hashlib
+
+DEFAULT_TASK = "Summarize the following text in a few sentences."
+DEFAULT_REDUCE_TASK = (
+    "The following are summaries of consecutive parts of one document. "
+    "Combine them into one coherent summary of the whole document."
+)
+CONTEXT_TASK = "Summarize the following text in one sentence."
+
+MAP = "{task}\n\n{text}"
+MAP_WITH_CONTEXT = "{task}\n\nWhat came before this part: {context}\n\nText:\n{text}"
+REFINE = (
+    "Here is a summary of a document so far:\n{summary}\n\n"
+    "Here is the next part of the document:\n{text}\n\n"
+    "Update the summary so that it also covers this part. {task}"
+)
+REDUCE = "{task}\n\n{pieces}"
+PIECE = "Part {n}: {text}"
+
+PROMPT_VERSION = hashlib.sha256(
+    "\x00".join([DEFAULT_TASK, DEFAULT_REDUCE_TASK, CONTEXT_TASK, MAP, MAP_WITH_CONTEXT,
+                 REFINE, REDUCE, PIECE]).encode()
+).hexdigest()[:12]
+
+
+def as_chat(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def map_prompt(text: str, task: str | None) -> str:
+    return MAP.format(task=task or DEFAULT_TASK, text=text)
+
+
+def map_with_context_prompt(text: str, context: str, task: str | None) -> str:
+    return MAP_WITH_CONTEXT.format(task=task or DEFAULT_TASK, context=context.strip(), text=text)
+
+
+def context_prompt(text: str) -> str:
+    return MAP.format(task=CONTEXT_TASK, text=text)
+
+
+def refine_prompt(summary: str, text: str, task: str | None) -> str:
+    return REFINE.format(summary=summary.strip(), text=text, task=task or DEFAULT_TASK)
+
+
+def reduce_prompt(pieces: list[str], task: str | None) -> str:
+    joined = "\n\n".join(PIECE.format(n=i + 1, text=p.strip()) for i, p in enumerate(pieces))
+    return REDUCE.format(task=task or DEFAULT_REDUCE_TASK, pieces=joined)

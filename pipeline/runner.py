@@ -1,0 +1,283 @@
+"""The runner: many documents in flight, their requests fed to model replicas, one row each.
+
+    documents (streamed) --> chunk --> strategy.start() --> prompts --> pool (replicas)
+         ^ at most max_inflight_docs active                               |
+         |                                                                v
+    write(DocResult) <-- strategy done <-- strategy.on_output() <-- WorkResult
+
+Nothing here is model-specific: the pool serves token ids; the `PromptFitter` applies the
+model's chat template and keeps every prompt inside the model's context. A document whose
+reading, chunking or any request fails becomes an error row; the others go on.
+
+Hooks for resumable jobs: `cached(request_id)` may return a stored WorkResult (no model work),
+and `on_result(doc, request, result)` sees every completed request as it arrives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from pipeline.chunking import chunk_text
+from pipeline.config import RunConfig
+from pipeline.output import DocResult
+from pipeline.prompts import PROMPT_VERSION, as_chat, reduce_prompt
+from pipeline.stores import Document
+from pipeline.strategies import STRATEGY_CLASSES, DocumentStrategy, MergeBudget, Request
+from workers.host import WorkRequest, WorkResult
+
+logger = logging.getLogger(__name__)
+
+# Tokens kept from the end of an over-long prompt (instructions at the end survive a cut).
+_KEEP_TAIL = 64
+
+
+class PromptFitter:
+    """Chat template + context check with the model's own tokenizer."""
+
+    def __init__(self, tokenizer, max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.num_truncated = 0
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    def chat_overhead(self) -> int:
+        return len(self.tokenizer.apply_chat_template(as_chat("")))
+
+    def encode(self, req: Request) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(as_chat(req.prompt))
+        limit = self.max_model_len - req.max_tokens - 1
+        if len(ids) <= limit:
+            return ids
+        # Too long for the context: cut the middle of the user message (by model tokens).
+        self.num_truncated += 1
+        msg = self.tokenizer.encode(req.prompt)
+        room = max(8, len(msg) - (len(ids) - limit))
+        head, tail = msg[: room - _KEEP_TAIL], msg[len(msg) - _KEEP_TAIL :]
+        text = self.tokenizer.decode(head + tail)
+        logger.warning("%s: prompt of %d tokens cut to fit the model's context of %d",
+                       req.request_id, len(ids), self.max_model_len)
+        ids = self.tokenizer.apply_chat_template(as_chat(text))
+        return ids[: max(1, limit)]
+
+
+@dataclass(slots=True)
+class RunStats:
+    num_docs: int = 0
+    num_ok: int = 0
+    num_failed: int = 0
+    num_chunks: int = 0
+    num_requests: int = 0
+    num_cached_requests: int = 0  # served from a job's stored results (resume)
+    num_tokens: int = 0  # document tokens (tiktoken)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the engines' prefix caches
+    wall_s: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _DocState:
+    doc: Document
+    strategy: DocumentStrategy
+    num_tokens: int
+    t0: float
+    pending: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    cached_tokens: int = 0
+    expert_tokens: list[int] | None = None
+    error: str | None = None
+
+
+def doc_key(doc: Document, fingerprint: str) -> str:
+    """Deterministic key of (doc_id, content, config): prefix of every request id."""
+    raw = f"{doc.doc_id}\x00{doc.content_hash}\x00{fingerprint}".encode("utf-8", "surrogatepass")
+    return hashlib.sha256(raw).hexdigest()[:24]
+
+
+class PipelineRunner:
+    def __init__(self, config: RunConfig, pool, tokenizer, max_model_len: int, model_id: str,
+                 weights_hash: str,
+                 cached: Callable[[str], WorkResult | None] | None = None,
+                 on_result: Callable[[Document, Request, WorkResult], None] | None = None,
+                 on_progress: Callable[[RunStats], None] | None = None) -> None:
+        self.config = config
+        self.pool = pool
+        self.fitter = PromptFitter(tokenizer, max_model_len)
+        self.model_id = model_id
+        self.fingerprint = config.fingerprint(weights_hash, PROMPT_VERSION)
+        self.cached = cached
+        self.on_result = on_result
+        self.on_progress = on_progress
+        overhead = self.fitter.chat_overhead() + self.fitter.count(reduce_prompt([], config.reduce_task))
+        self.merge_budget = MergeBudget(
+            budget_tokens=max_model_len - config.max_summary_tokens - 1,
+            overhead_tokens=overhead,
+            count_tokens=self.fitter.count,
+        )
+        self.stats = RunStats()
+        self._active: dict[str, _DocState] = {}
+        self._requests: dict[str, tuple[str, Request]] = {}
+        self._ready: deque[WorkResult] = deque()
+
+    # -- documents --------------------------------------------------------------------------
+    def _start(self, doc: Document, write: Callable[[DocResult], None]) -> None:
+        self.stats.num_docs += 1
+        if doc.error is not None:
+            self._write_error(doc, doc.error, write)
+            return
+        try:
+            chunks = chunk_text(doc.text, self.config.chunk_tokens, self.config.overlap,
+                                self.config.encoding)
+            if not chunks:
+                raise ValueError(f"{doc.source}: document is empty; nothing to summarize")
+            cfg = self.config
+            strategy = STRATEGY_CLASSES[cfg.strategy](
+                doc_key(doc, self.fingerprint), chunks, cfg.task, cfg.reduce_task,
+                cfg.max_summary_tokens, self.merge_budget, cfg.context_summary_tokens,
+            )
+            num_tokens = chunks[-1].token_end
+            state = _DocState(doc, strategy, num_tokens, time.perf_counter())
+            key = strategy.doc_key
+            if key in self._active:
+                raise ValueError(f"{doc.source}: duplicate document (same id, text and config) in flight")
+            self._active[key] = state
+            self.stats.num_chunks += len(chunks)
+            self.stats.num_tokens += num_tokens
+            self._submit(state, strategy.start())
+        except Exception as exc:  # one bad document never stops the run
+            logger.debug("document %s failed to start", doc.doc_id, exc_info=True)
+            self._active.pop(doc_key(doc, self.fingerprint), None)
+            self._write_error(doc, f"{type(exc).__name__}: {exc}", write)
+
+    def _submit(self, state: _DocState, reqs: list[Request]) -> None:
+        work = []
+        for req in reqs:
+            state.pending += 1
+            self._requests[req.request_id] = (state.strategy.doc_key, req)
+            stored = self.cached(req.request_id) if self.cached else None
+            if stored is not None:
+                self.stats.num_cached_requests += 1
+                self._ready.append(stored)
+                continue
+            ids = self.fitter.encode(req)
+            sampling = dict(max_tokens=req.max_tokens, temperature=self.config.temperature,
+                            repetition_penalty=self.config.repetition_penalty,
+                            seed=self.config.seed if self.config.temperature > 0 else None)
+            work.append(WorkRequest(req.request_id, ids, sampling, routing_key=state.strategy.doc_key))
+        if work:
+            self.stats.num_requests += len(work)
+            self.pool.submit(work)
+
+    def _deliver(self, res: WorkResult, write: Callable[[DocResult], None]) -> None:
+        entry = self._requests.pop(res.request_id, None)
+        if entry is None:
+            return  # its document already failed
+        key, req = entry
+        state = self._active.get(key)
+        if state is None:
+            return
+        state.pending -= 1
+        if res.error:
+            self._fail(state, f"{req.stage} request for chunk {req.index}: {res.error}", write)
+            return
+        if self.on_result is not None:
+            self.on_result(state.doc, req, res)
+        state.prompt_tokens += res.num_prompt_tokens
+        state.generated_tokens += res.num_generated_tokens
+        state.cached_tokens += res.num_cached_tokens
+        if res.expert_token_counts is not None:
+            if state.expert_tokens is None:
+                state.expert_tokens = [0] * len(res.expert_token_counts)
+            state.expert_tokens = [a + b for a, b in zip(state.expert_tokens, res.expert_token_counts)]
+        try:
+            nxt = state.strategy.on_output(req, res.text)
+            self._submit(state, nxt)
+        except Exception as exc:
+            self._fail(state, f"{type(exc).__name__}: {exc}", write)
+            return
+        if state.strategy.done and state.pending == 0:
+            self._finish(state, write)
+
+    # -- rows -------------------------------------------------------------------------------
+    def _row(self, doc: Document, **kw) -> DocResult:
+        return DocResult(doc_id=doc.doc_id, source=doc.source, model=self.model_id,
+                         strategy=self.config.strategy, config_fingerprint=self.fingerprint,
+                         content_hash=doc.content_hash, **kw)
+
+    def _write_error(self, doc: Document, message: str, write) -> None:
+        self.stats.num_failed += 1
+        self.stats.errors.append(f"{doc.doc_id}: {message}")
+        write(self._row(doc, status="error", error=message))
+
+    def _fail(self, state: _DocState, message: str, write) -> None:
+        key = state.strategy.doc_key
+        self._active.pop(key, None)
+        for rid in [r for r, (k, _) in self._requests.items() if k == key]:
+            self._requests.pop(rid)
+        self._write_error(state.doc, message, write)
+
+    def _finish(self, state: _DocState, write) -> None:
+        st = state.strategy
+        self._active.pop(st.doc_key, None)
+        chunks = [
+            dict(index=c.index, token_start=c.token_start, token_end=c.token_end,
+                 char_start=c.char_start, char_end=c.char_end, output=st.chunk_outputs[c.index])
+            for c in st.chunks
+        ]
+        s = self.stats
+        s.num_ok += 1
+        s.prompt_tokens += state.prompt_tokens
+        s.generated_tokens += state.generated_tokens
+        s.cached_tokens += state.cached_tokens
+        write(self._row(
+            state.doc, status="ok", summary=st.summary, chunks=chunks,
+            num_tokens=state.num_tokens, num_chunks=len(st.chunks),
+            prompt_tokens=state.prompt_tokens, generated_tokens=state.generated_tokens,
+            cached_tokens=state.cached_tokens, wall_s=time.perf_counter() - state.t0,
+            expert_tokens=state.expert_tokens,
+        ))
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, documents: Iterable[Document], write: Callable[[DocResult], None]) -> RunStats:
+        t0 = time.perf_counter()
+        docs = iter(documents)
+        exhausted = False
+        last_progress = 0.0
+        while True:
+            while not exhausted and len(self._active) < self.config.max_inflight_docs:
+                doc = next(docs, None)
+                if doc is None:
+                    exhausted = True
+                    break
+                self._start(doc, write)
+                self._drain_ready(write)
+            if exhausted and not self._active:
+                break
+            if self._ready:
+                self._drain_ready(write)
+                continue
+            for res in self.pool.results(timeout=0.5):
+                self._deliver(res, write)
+            self._drain_ready(write)
+            now = time.perf_counter()
+            if self.on_progress and now - last_progress > 0.5:
+                self.stats.wall_s = now - t0
+                self.on_progress(self.stats)
+                last_progress = now
+        self.stats.wall_s = time.perf_counter() - t0
+        if self.on_progress:
+            self.on_progress(self.stats)
+        return self.stats
+
+    def _drain_ready(self, write) -> None:
+        while self._ready:
+            self._deliver(self._ready.popleft(), write)
