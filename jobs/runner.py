@@ -1,0 +1,136 @@
+"""`docpipe jobs run`: one incremental, resumable run of a job.
+
+    output_dir/
+      part-00001.parquet ...   the dataset: one row per document, across parts
+      ledger.jsonl             one line per run (also in the state DB)
+      _state.sqlite            stored request results, document index, ledger
+      .lock                    held while a run is in progress
+
+A run skips documents whose (id, content hash, config fingerprint) already has an `ok` row,
+redoes changed documents and earlier error rows, serves every request already answered in an
+earlier (possibly killed) run from the state DB, and publishes its rows as `part-<run id>`,
+removing the rows it supersedes from older parts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.spec import JobSpec
+from jobs.state import JobState
+from pipeline.prompts import PROMPT_VERSION
+from pipeline.service import describe, open_pool, run_documents
+from pipeline.stores import Document, open_store
+
+logger = logging.getLogger(__name__)
+
+
+class JobLocked(RuntimeError):
+    """Another run of the same job holds its lock."""
+
+
+@contextmanager
+def job_lock(output_dir: Path):
+    """An exclusive, non-blocking lock on the job's output directory (released on exit or
+    when the process dies, so a killed run never leaves a stale lock)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(output_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobLocked(f"{output_dir}: another run of this job is in progress") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass(slots=True)
+class JobRunSummary:
+    run_id: int
+    num_done: int
+    num_skipped: int
+    num_failed: int
+    num_retries: int
+    num_cached_requests: int
+    num_requests: int
+    part: Path | None
+    wall_s: float
+
+
+def run_job(spec: JobSpec, *, engine=None, pool=None,
+            on_progress: Callable | None = None) -> JobRunSummary:
+    """Run the job once. `engine`/`pool` inject an in-process engine or a pool (tests)."""
+    out = spec.output_dir
+    with job_lock(out):
+        state = JobState(out)
+        try:
+            state.recover()
+            info = describe(spec.run)
+            fingerprint = spec.run.fingerprint(info.weights_hash, PROMPT_VERSION)
+            run_id = state.begin_run()
+            skipped = 0
+
+            def todo() -> Iterator[Document]:
+                nonlocal skipped
+                docs = open_store(spec.input_path, glob=spec.glob, id_column=spec.id_column,
+                                  text_column=spec.text_column, limit=spec.limit)
+                for doc in docs:
+                    if doc.error is None and state.is_done(doc.doc_id, doc.content_hash, fingerprint):
+                        skipped += 1
+                        continue
+                    yield doc
+
+            part = out / f"part-{run_id:05d}.parquet"
+            tmp = out / f".part-{run_id:05d}.inprogress.parquet"
+            try:
+                if pool is None and engine is not None:
+                    with open_pool(spec.run, engine=engine) as p:
+                        stats, replicas = run_documents(spec.run, todo(), tmp, pool=p,
+                                                        on_progress=on_progress,
+                                                        cached=state.cached, on_result=state.store_result)
+                else:
+                    stats, replicas = run_documents(spec.run, todo(), tmp, pool=pool,
+                                                    on_progress=on_progress,
+                                                    cached=state.cached, on_result=state.store_result)
+            except BaseException:
+                state.end_run(run_id, "failed", num_skipped=skipped)
+                raise
+            retries = max((r.get("num_retried_requests", 0) for r in replicas), default=0)
+            published = None
+            if stats.num_docs:
+                state.publish(run_id, tmp, part, fingerprint)
+                published = part
+            else:
+                tmp.unlink(missing_ok=True)
+            state.end_run(
+                run_id, "ok" if not stats.num_failed else "ok-with-errors",
+                num_done=stats.num_ok, num_skipped=skipped, num_failed=stats.num_failed,
+                num_retries=retries, num_cached_requests=stats.num_cached_requests,
+                part=published.name if published else None,
+            )
+            return JobRunSummary(run_id, stats.num_ok, skipped, stats.num_failed, retries,
+                                 stats.num_cached_requests, stats.num_requests, published, stats.wall_s)
+        finally:
+            state.close()
+
+
+def read_dataset(output_dir: Path):
+    """The job's current dataset as one pyarrow Table (all parts)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted(output_dir.glob("part-*.parquet"))
+    if not parts:
+        from pipeline.output import OUTPUT_SCHEMA
+
+        return OUTPUT_SCHEMA.empty_table()
+    return pa.concat_tables(pq.read_table(p) for p in parts)

@@ -1,0 +1,100 @@
+"""`docpipe jobs schedule`: run a job on its cron expression, in the foreground.
+
+Policy:
+- Never two runs of one job at once: each run takes the job's lock; a tick that finds it held
+  (another scheduler, a manual `jobs run`) is skipped and logged.
+- Missed ticks (the scheduler was down, or a run outlasted the next tick) are coalesced:
+  `missed = "skip"` (default) waits for the next tick; `missed = "run-once"` runs once at
+  start-up / after the long run if at least one tick was missed, then follows the schedule.
+  The last tick handled is kept in the job's state DB, so a restarted scheduler knows what it
+  missed.
+- `--once` runs the job now (no waiting) and exits: for cron and CI.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from jobs.runner import JobLocked, JobRunSummary, run_job
+from jobs.spec import JobSpec
+from jobs.state import JobState
+
+logger = logging.getLogger(__name__)
+
+
+def next_tick(cron: str, after: float) -> float:
+    from croniter import croniter
+
+    base = datetime.fromtimestamp(after, tz=UTC)
+    return croniter(cron, base).get_next(float)
+
+
+def missed_ticks(cron: str, last: float | None, now: float) -> int:
+    """How many ticks fell in (last, now]; 0 when there is no record."""
+    if last is None:
+        return 0
+    count, t = 0, next_tick(cron, last)
+    while t <= now and count < 1000:
+        count += 1
+        t = next_tick(cron, t)
+    return count
+
+
+def run_schedule(
+    spec: JobSpec,
+    *,
+    once: bool = False,
+    max_runs: int | None = None,
+    clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+    run: Callable[[JobSpec], JobRunSummary] = run_job,
+) -> list[JobRunSummary | None]:
+    """Run `spec` on its schedule. Returns one entry per tick handled (None: skipped, locked)."""
+    if once:
+        return [_run_locked(spec, run)]
+    if not spec.cron:
+        raise ValueError(f"{spec.source}: no [schedule] cron; add one or use --once")
+    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    results: list[JobRunSummary | None] = []
+
+    def record(tick: float) -> None:
+        state = JobState(spec.output_dir)
+        try:
+            state.set_last_tick(spec.name, tick)
+        finally:
+            state.close()
+
+    state = JobState(spec.output_dir)
+    last = state.last_tick(spec.name)
+    state.close()
+    now = clock()
+    if last is not None and spec.missed == "run-once" and missed_ticks(spec.cron, last, now):
+        logger.info("%s: catching up on ticks missed since %s", spec.name, last)
+        results.append(_run_locked(spec, run))
+        record(now)
+    elif last is None:
+        record(now)  # first start: nothing is "missed" before the scheduler existed
+    while max_runs is None or len(results) < max_runs:
+        target = next_tick(spec.cron, clock())
+        while (delay := target - clock()) > 0:
+            sleep(min(delay, 60.0))
+        results.append(_run_locked(spec, run))
+        finished = clock()
+        n_missed = missed_ticks(spec.cron, target, finished)
+        if n_missed:
+            logger.warning("%s: the run outlasted %d tick(s); policy %s", spec.name, n_missed, spec.missed)
+            if spec.missed == "run-once" and (max_runs is None or len(results) < max_runs):
+                results.append(_run_locked(spec, run))
+        record(clock())
+    return results
+
+
+def _run_locked(spec: JobSpec, run: Callable[[JobSpec], JobRunSummary]) -> JobRunSummary | None:
+    try:
+        return run(spec)
+    except JobLocked as exc:
+        logger.warning("skipping this tick: %s", exc)
+        return None

@@ -1,0 +1,158 @@
+"""A job's durable state: stored request results, the document index, the run ledger.
+
+One SQLite database per output directory (`_state.sqlite`, WAL mode). What it holds:
+
+- `results`: every completed model request, keyed by its deterministic request id
+  (doc id, content hash, config fingerprint, stage, index). Written as each result arrives,
+  so a killed run loses at most the requests in flight; a rerun serves the rest from here.
+- `docs`: per document id, the content hash, fingerprint, status and the Parquet part that
+  holds its current row. A document is skipped when its (id, hash, fingerprint) has an `ok`
+  row; changed documents and error rows are redone.
+- `runs`: the ledger (run id, start, end, documents done/skipped/failed, retries, status).
+- `publish`: a part being published. Publishing is: write the run's rows to a temporary
+  file; record the intent; rewrite older parts without the rows the run superseded; rename
+  the temporary file into place; update `docs`. A crash at any point is finished by
+  `recover()` on the next start, so the dataset never holds a document twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from workers.host import WorkResult
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (request_id TEXT PRIMARY KEY, payload TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS docs (
+    doc_id TEXT PRIMARY KEY, content_hash TEXT, fingerprint TEXT, status TEXT, part TEXT);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id INTEGER PRIMARY KEY, started REAL, ended REAL, status TEXT,
+    num_done INTEGER DEFAULT 0, num_skipped INTEGER DEFAULT 0, num_failed INTEGER DEFAULT 0,
+    num_retries INTEGER DEFAULT 0, num_cached_requests INTEGER DEFAULT 0, part TEXT, note TEXT);
+CREATE TABLE IF NOT EXISTS publish (run_id INTEGER PRIMARY KEY, tmp TEXT, part TEXT, fingerprint TEXT);
+CREATE TABLE IF NOT EXISTS schedule (job TEXT PRIMARY KEY, last_tick REAL);
+"""
+
+
+class JobState:
+    def __init__(self, output_dir: Path) -> None:
+        self.dir = output_dir
+        self.db = sqlite3.connect(output_dir / "_state.sqlite", isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # durable across process kills
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- request results (resume) -----------------------------------------------------------
+    def cached(self, request_id: str) -> WorkResult | None:
+        row = self.db.execute("SELECT payload FROM results WHERE request_id=?", (request_id,)).fetchone()
+        return None if row is None else WorkResult(**json.loads(row[0]))
+
+    def store_result(self, doc, request, result: WorkResult) -> None:
+        self.db.execute("INSERT OR REPLACE INTO results VALUES (?, ?)",
+                        (result.request_id, json.dumps(result.to_dict())))
+
+    def num_results(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+
+    # -- documents --------------------------------------------------------------------------
+    def is_done(self, doc_id: str, content_hash: str, fingerprint: str) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM docs WHERE doc_id=? AND content_hash=? AND fingerprint=? AND status='ok'",
+            (doc_id, content_hash, fingerprint),
+        ).fetchone()
+        return row is not None
+
+    # -- ledger -----------------------------------------------------------------------------
+    def begin_run(self) -> int:
+        cur = self.db.execute("INSERT INTO runs (started, status) VALUES (?, 'running')", (time.time(),))
+        return int(cur.lastrowid)
+
+    def end_run(self, run_id: int, status: str, **counts) -> None:
+        sets = ", ".join(f"{k}=?" for k in counts)
+        self.db.execute(f"UPDATE runs SET ended=?, status=?{', ' if sets else ''}{sets} WHERE run_id=?",
+                        (time.time(), status, *counts.values(), run_id))
+        self.export_ledger()
+
+    def mark_interrupted_runs(self) -> None:
+        """Runs still 'running' at start-up were killed."""
+        self.db.execute("UPDATE runs SET status='killed' WHERE status='running'")
+
+    def ledger(self) -> list[dict]:
+        cur = self.db.execute("SELECT * FROM runs ORDER BY run_id")
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    def export_ledger(self) -> None:
+        tmp = self.dir / "ledger.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.ledger()))
+        os.replace(tmp, self.dir / "ledger.jsonl")
+
+    # -- publishing parts -------------------------------------------------------------------
+    def publish(self, run_id: int, tmp: Path, part: Path, fingerprint: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO publish VALUES (?, ?, ?, ?)",
+                        (run_id, str(tmp), str(part), fingerprint))
+        self._finish_publish(run_id, tmp, part, fingerprint)
+
+    def recover(self) -> None:
+        self.mark_interrupted_runs()
+        for run_id, tmp, part, fingerprint in self.db.execute("SELECT * FROM publish").fetchall():
+            self._finish_publish(run_id, Path(tmp), Path(part), fingerprint)
+
+    def _finish_publish(self, run_id: int, tmp: Path, part: Path, fingerprint: str) -> None:
+        source = tmp if tmp.exists() else part
+        table = pq.read_table(source, columns=["doc_id", "status", "content_hash"])
+        rows = table.to_pylist()
+        new_ids = {r["doc_id"] for r in rows}
+        # Older parts holding rows this run superseded: rewrite them without those rows.
+        olds: dict[str, set[str]] = {}
+        for doc_id in new_ids:
+            hit = self.db.execute("SELECT part FROM docs WHERE doc_id=?", (doc_id,)).fetchone()
+            if hit and hit[0] and hit[0] != str(part):
+                olds.setdefault(hit[0], set()).add(doc_id)
+        for old, ids in olds.items():
+            _drop_rows(Path(old), ids)
+        if tmp.exists():
+            os.replace(tmp, part)
+        self.db.execute("BEGIN")
+        for r in rows:
+            self.db.execute("INSERT OR REPLACE INTO docs VALUES (?, ?, ?, ?, ?)",
+                            (r["doc_id"], r["content_hash"], fingerprint, r["status"], str(part)))
+        self.db.execute("DELETE FROM publish WHERE run_id=?", (run_id,))
+        self.db.execute("COMMIT")
+
+    # -- schedules --------------------------------------------------------------------------
+    def last_tick(self, job: str) -> float | None:
+        row = self.db.execute("SELECT last_tick FROM schedule WHERE job=?", (job,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_last_tick(self, job: str, tick: float) -> None:
+        self.db.execute("INSERT OR REPLACE INTO schedule VALUES (?, ?)", (job, tick))
+
+
+def _drop_rows(path: Path, doc_ids: set[str]) -> None:
+    """Rewrite a Parquet part without `doc_ids` (atomically); delete it if nothing is left."""
+    if not path.exists():
+        return
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = pq.read_table(path)
+    keep = pc.invert(pc.is_in(table["doc_id"], value_set=pa.array(sorted(doc_ids), pa.string())))
+    kept = table.filter(keep)
+    if kept.num_rows == table.num_rows:
+        return
+    if kept.num_rows == 0:
+        path.unlink()
+        return
+    tmp = path.with_name(path.name + ".rewrite")
+    pq.write_table(kept, tmp)
+    os.replace(tmp, path)
