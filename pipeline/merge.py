@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 class Piece:
     text: str
     sources: list[int] = field(default_factory=list)  # chunk indices this piece summarizes
-    num_tokens: int = 0  # in the model's tokenizer
+    num_tokens: int = 0  # model tokens of this piece as it appears in a merge prompt
 
 
 def group_pieces(pieces: list[Piece], overhead_tokens: int, budget_tokens: int) -> list[list[int]]:
@@ -31,7 +31,7 @@ def group_pieces(pieces: list[Piece], overhead_tokens: int, budget_tokens: int) 
     current: list[int] = []
     used = overhead_tokens
     for i, piece in enumerate(pieces):
-        cost = piece.num_tokens + 4  # separator and "Part n:" label
+        cost = piece.num_tokens
         if current and used + cost > budget_tokens:
             groups.append(current)
             current, used = [], overhead_tokens
@@ -43,7 +43,7 @@ def group_pieces(pieces: list[Piece], overhead_tokens: int, budget_tokens: int) 
     # previous group if that still fits, so each level shrinks the count.
     if len(groups) > 1 and len(groups[-1]) == 1:
         prev = groups[-2]
-        total = overhead_tokens + sum(pieces[j].num_tokens + 4 for j in prev + groups[-1])
+        total = overhead_tokens + sum(pieces[j].num_tokens for j in prev + groups[-1])
         if total <= budget_tokens:
             groups[-2] = prev + groups.pop()
     return groups

@@ -47,6 +47,11 @@ def refine_prompt(summary: str, text: str, task: str | None) -> str:
     return REFINE.format(summary=summary.strip(), text=text, task=task or DEFAULT_TASK)
 
 
+def piece_text(n: int, text: str) -> str:
+    """One piece as it appears in a merge prompt, with the separator that follows it."""
+    return PIECE.format(n=n, text=text.strip()) + "\n\n"
+
+
 def reduce_prompt(pieces: list[str], task: str | None) -> str:
-    joined = "\n\n".join(PIECE.format(n=i + 1, text=p.strip()) for i, p in enumerate(pieces))
+    joined = "".join(piece_text(i + 1, p) for i, p in enumerate(pieces)).rstrip("\n")
     return REDUCE.format(task=task or DEFAULT_REDUCE_TASK, pieces=joined)

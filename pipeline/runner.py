@@ -80,6 +80,7 @@ class RunStats:
     generated_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the engines' prefix caches
     wall_s: float = 0.0
+    num_truncated_prompts: int = 0  # prompts cut to fit the context (chunks too big for the model)
     errors: list[str] = field(default_factory=list)
 
 
@@ -274,6 +275,7 @@ class PipelineRunner:
                 self.on_progress(self.stats)
                 last_progress = now
         self.stats.wall_s = time.perf_counter() - t0
+        self.stats.num_truncated_prompts = self.fitter.num_truncated
         if self.on_progress:
             self.on_progress(self.stats)
         return self.stats

@@ -214,30 +214,38 @@ def _string_view(t: pa.DataType) -> bool:
     return getattr(pa.types, "is_string_view", lambda _: False)(t)
 
 
-def _check_parquet(files: list[Path], id_column: str, text_column: str) -> list[Path]:
-    for path in files:
-        try:
-            schema = pq.read_schema(path)
-        except (OSError, pa.ArrowException) as exc:
-            raise StoreError(f"{path} is not a readable Parquet file ({exc}); check the input") from exc
-        if text_column not in schema.names:
-            columns = ", ".join(schema.names) or "none"
-            raise StoreError(
-                f"{path} has no column {text_column!r} (columns: {columns}); "
-                f"pass --text-column with the column that holds the text"
-            )
-        text_type = schema.field(text_column).type
-        if not (any(check(text_type) for check in _TEXT_TYPES) or _string_view(text_type)):
-            raise StoreError(
-                f"{path}: column {text_column!r} has type {text_type}, not string; "
-                f"pass --text-column with the column that holds the text"
-            )
-    return files
+def _parquet_problem(path: Path, text_column: str) -> str | None:
+    """Why a Parquet file cannot be read as configured, or None."""
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        return f"{path} is not a readable Parquet file ({exc}); check the input"
+    if text_column not in schema.names:
+        columns = ", ".join(schema.names) or "none"
+        return (f"{path} has no column {text_column!r} (columns: {columns}); "
+                f"pass --text-column with the column that holds the text")
+    text_type = schema.field(text_column).type
+    if not (any(check(text_type) for check in _TEXT_TYPES) or _string_view(text_type)):
+        return (f"{path}: column {text_column!r} has type {text_type}, not string; "
+                f"pass --text-column with the column that holds the text")
+    return None
+
+
+def _check_parquet(files: list[Path], text_column: str) -> dict[Path, str]:
+    """Problems per file. When no file can be read as configured the store itself is wrong
+    (StoreError); otherwise each bad file of a dataset becomes one failed document."""
+    problems = {p: msg for p in files if (msg := _parquet_problem(p, text_column))}
+    if len(problems) == len(files):
+        raise StoreError(next(iter(problems.values())))
+    return problems
 
 
 def _read_parquet(files: list[Path], id_column: str, text_column: str,
-                  batch_size: int) -> Iterator[Document]:
+                  batch_size: int, problems: dict[Path, str]) -> Iterator[Document]:
     for path in files:
+        if path in problems:
+            yield _failed(f"{path.name}:*", str(path), b"", problems[path], {"format": "parquet"})
+            continue
         pf = pq.ParquetFile(path)
         has_id = id_column in pf.schema_arrow.names
         columns = [text_column] + ([id_column] if has_id and id_column != text_column else [])
@@ -338,8 +346,8 @@ def open_store(
                 f"pass --glob '**/*.parquet' or '**/*.txt' to pick one"
             )
         if parquet_files:
-            _check_parquet(parquet_files, id_column, text_column)
-            docs = _read_parquet(parquet_files, id_column, text_column, batch_size)
+            problems = _check_parquet(parquet_files, text_column)
+            docs = _read_parquet(parquet_files, id_column, text_column, batch_size, problems)
         elif text_files:
             docs = _read_text_dir(path, text_files)
         else:
@@ -358,8 +366,8 @@ def open_store(
                              f"check its permissions") from exc
         docs = _read_jsonl(path, id_column, text_column)
     elif path.suffix.lower() in PARQUET_SUFFIXES:
-        _check_parquet([path], id_column, text_column)
-        docs = _read_parquet([path], id_column, text_column, batch_size)
+        problems = _check_parquet([path], text_column)
+        docs = _read_parquet([path], id_column, text_column, batch_size, problems)
     else:
         raise StoreError(
             f"input {str(path)!r} has an unknown format {path.suffix or '(no suffix)'!r}; "

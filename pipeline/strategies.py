@@ -81,8 +81,10 @@ class DocumentStrategy:
 
     # -- hierarchical reduce ----------------------------------------------------------------
     def _begin_reduce(self, pieces: list[Piece]) -> list[Request]:
+        # Cost of a piece inside a merge prompt: its label, text and separator, counted with
+        # the largest label number (labels restart per group, so this is an upper bound).
         for p in pieces:
-            p.num_tokens = self.merge.count_tokens(p.text)
+            p.num_tokens = self.merge.count_tokens(prompts.piece_text(len(pieces), p.text))
         if len(pieces) == 1:
             self.summary = pieces[0].text
             return []

@@ -76,6 +76,7 @@ def test_merge_never_exceeds_the_context(tiny_small_ctx_dir, long_text, tmp_path
         stats, _ = run_documents(config, [_doc("d", text)], tmp_path / "o.parquet", pool=recorder)
     assert stats.num_failed == 0, stats.errors
     assert max(recorder.prompt_lengths) <= 1024
+    assert stats.num_truncated_prompts == 0  # the merge grouped pieces to fit, nothing was cut
     stages = {r.request_id.split("/")[1] for r in recorder.requests}
     assert {"reduce1", "reduce2"} <= stages, f"expected a multi-level merge, got {stages}"
 

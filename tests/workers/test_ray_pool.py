@@ -1,0 +1,68 @@
+"""Ray replicas: document affinity, restart after a killed worker, the pipeline over Ray."""
+
+import os
+import signal
+
+import pytest
+
+from workers.host import EngineSpec, WorkRequest
+from workers.pool import RayPool, iter_results
+from workers.router import Router
+
+pytestmark = pytest.mark.ray
+
+
+def _requests(doc, n, base=0):
+    return [WorkRequest(f"{doc}/map/{i}", [base + i + 5] * (10 + i), {"max_tokens": 4, "temperature": 0.0},
+                        routing_key=doc) for i in range(n)]
+
+
+def test_router_affinity_and_balance():
+    router = Router(2)
+    assert router.route("a", 100) == 0
+    assert router.route("b", 10) == 1
+    assert router.route("a", 100) == 0  # sticky
+    assert router.route("c", 10) == 1  # least outstanding tokens
+    router.complete("a", 0, 100)
+    router.complete("a", 0, 100)
+    router.release("a")
+    assert "a" not in router.key_to_replica
+
+
+def test_documents_stay_on_one_replica(ray_session, tiny_model_dir):
+    spec = EngineSpec(model=str(tiny_model_dir), dtype="float32", num_threads=1)
+    pool = RayPool(spec, num_replicas=2, num_cpus=1)
+    try:
+        for d in range(4):
+            pool.submit(_requests(f"doc{d}", 3, base=d))
+        results = list(iter_results(pool))
+        assert len(results) == 12 and not any(r.error for r in results)
+        replicas = {}
+        for r in results:
+            replicas.setdefault(r.request_id.split("/")[0], set()).add(r.replica)
+        assert all(len(s) == 1 for s in replicas.values()), replicas
+        assert {next(iter(s)) for s in replicas.values()} == {0, 1}  # both replicas used
+        stats = pool.stats()
+        assert len(stats) == 2 and all("prefix_cache_hit_rate" in s for s in stats)
+    finally:
+        pool.close()
+
+
+def test_killed_worker_is_restarted_and_its_requests_retried(ray_session, tiny_model_dir):
+    spec = EngineSpec(model=str(tiny_model_dir), dtype="float32", num_threads=1,
+                      engine={"max_num_seqs": 2})
+    pool = RayPool(spec, num_replicas=1, num_cpus=1)
+    try:
+        reqs = [WorkRequest(f"d/map/{i}", [7] * 20, {"max_tokens": 40, "temperature": 0.0,
+                                                     "ignore_eos": True}, routing_key="d")
+                for i in range(8)]
+        pool.submit(reqs)
+        (pid,) = pool.replica_pids()
+        got = pool.results(timeout=30)
+        os.kill(pid, signal.SIGKILL)
+        results = got + list(iter_results(pool))
+        assert sorted(r.request_id for r in results) == sorted(r.request_id for r in reqs)
+        assert pool.num_restarts == 1 and pool.num_retried_requests > 0
+        assert pool.replica_pids()[0] != pid
+    finally:
+        pool.close()
