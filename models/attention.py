@@ -111,10 +111,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         N = x.shape[0]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = apply_rotary(q.view(N, H, D), cos, sin)
-        k = apply_rotary(k.view(N, Hkv, D), cos, sin)
-        v = v.view(N, Hkv, D)
+        qkv = self.qkv_proj(x)
+        # q and k sit side by side in the fused projection: rotate them in one pass.
+        qk = apply_rotary(qkv[:, : (H + Hkv) * D].view(N, H + Hkv, D), cos, sin)
+        q, k = qk[:, :H], qk[:, H:]
+        v = qkv[:, (H + Hkv) * D :].view(N, Hkv, D)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
             k_cache[:, meta.slot_mapping] = k.transpose(0, 1)

@@ -195,6 +195,9 @@ class PipelineRunner:
         state.prompt_tokens += res.num_prompt_tokens
         state.generated_tokens += res.num_generated_tokens
         state.cached_tokens += res.num_cached_tokens
+        self.stats.prompt_tokens += res.num_prompt_tokens  # run totals move as results arrive
+        self.stats.generated_tokens += res.num_generated_tokens
+        self.stats.cached_tokens += res.num_cached_tokens
         if res.expert_token_counts is not None:
             if state.expert_tokens is None:
                 state.expert_tokens = [0] * len(res.expert_token_counts)
@@ -234,11 +237,7 @@ class PipelineRunner:
                  char_start=c.char_start, char_end=c.char_end, output=st.chunk_outputs[c.index])
             for c in st.chunks
         ]
-        s = self.stats
-        s.num_ok += 1
-        s.prompt_tokens += state.prompt_tokens
-        s.generated_tokens += state.generated_tokens
-        s.cached_tokens += state.cached_tokens
+        self.stats.num_ok += 1
         write(self._row(
             state.doc, status="ok", summary=st.summary, chunks=chunks,
             num_tokens=state.num_tokens, num_chunks=len(st.chunks),

@@ -69,9 +69,9 @@ def main() -> int:
         subprocess.run([ray, "start", f"--address={address}", "--num-cpus=1",
                         "--resources", json.dumps({"second_node": 1})],
                        check=True, env=env, capture_output=True)
-        check = ("import ray, json; ray.init(address='%s', logging_level='ERROR'); "
+        check = (f"import ray, json; ray.init(address='{address}', logging_level='ERROR'); "
                  "print(json.dumps([sorted(k for k in n['Resources'] if k.endswith('_node')) "
-                 "for n in ray.nodes() if n['Alive']]))" % address)
+                 "for n in ray.nodes() if n['Alive']]))")
         for _ in range(30):
             out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
             nodes = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
