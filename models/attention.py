@@ -9,9 +9,10 @@ decode tokens mixed). Each sequence's context is described by a `SeqSpan`:
 
 K/V of the new tokens are written to the cache through `slot_mapping` first, so every query reads
 all of its keys from the cache. Cache layout per layer: `[num_kv_heads, num_slots, head_dim]`;
-slot = block_id * block_size + offset. A sequence whose blocks are consecutive in the pool gets
-a `slice` of slots and its K/V are read in place (a view, no copy); otherwise an index tensor
-gathers them.
+slot = block_id * block_size + offset. A sequence's slots come as runs of consecutive slots:
+each run is read in place (a view, no copy). A decode query over several runs attends to each
+run and merges the partial results by their log-sum-exp (CPU); prefill over several runs
+concatenates them first.
 
 Without a cache (`kv_cache=None`, used by tests and one-shot scoring) each sequence attends to
 its own tokens in the batch.
@@ -35,7 +36,9 @@ class SeqSpan:
     q_end: int
     context_len: int  # number of positions after this step (cached + new)
     kv_start: int = 0  # first position whose K/V is still held (> 0 after window eviction)
-    kv_slots: slice | torch.Tensor | None = None  # slots of positions [kv_start, context_len)
+    # Cache slots of positions [kv_start, context_len), as runs of consecutive slots;
+    # None: no cache (the sequence attends to its own tokens in the batch).
+    kv_slots: list[slice] | None = None
 
     @property
     def num_new(self) -> int:
@@ -88,6 +91,21 @@ class AttentionMetadata:
         return offset, mask
 
 
+def _drop_front(runs: list[slice], n: int) -> list[slice]:
+    """The runs without their first n slots."""
+    if n == 0:
+        return runs
+    out = []
+    for r in runs:
+        size = r.stop - r.start
+        if n >= size:
+            n -= size
+            continue
+        out.append(slice(r.start + n, r.stop))
+        n = 0
+    return out
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int) -> None:
         super().__init__()
@@ -122,19 +140,41 @@ class Attention(nn.Module):
             v_cache[:, meta.slot_mapping] = v.transpose(0, 1)
         out = torch.empty_like(q)
         for i, span in enumerate(meta.spans):
-            if kv_cache is None:
-                keys = k[span.q_start : span.q_end].transpose(0, 1)  # [Hkv, T, D]
-                values = v[span.q_start : span.q_end].transpose(0, 1)
-            else:
-                keys = k_cache[:, span.kv_slots]
-                values = v_cache[:, span.kv_slots]
             offset, mask = meta.plan(i, self.window, x.device)
-            if offset:
-                keys, values = keys[:, offset:], values[:, offset:]
-            out[span.q_start : span.q_end] = self._attend(
-                q[span.q_start : span.q_end], keys, values, mask
-            )
+            qi = q[span.q_start : span.q_end]
+            if kv_cache is None:
+                keys = k[span.q_start : span.q_end].transpose(0, 1)[:, offset:]  # [Hkv, T, D]
+                values = v[span.q_start : span.q_end].transpose(0, 1)[:, offset:]
+                o = self._attend(qi, keys, values, mask)
+            else:
+                runs = _drop_front(span.kv_slots, offset)
+                if len(runs) == 1:
+                    o = self._attend(qi, k_cache[:, runs[0]], v_cache[:, runs[0]], mask)
+                elif span.num_new == 1 and k_cache.device.type == "cpu":
+                    o = self._attend_runs(qi, k_cache, v_cache, runs)
+                else:
+                    keys = torch.cat([k_cache[:, r] for r in runs], dim=1)
+                    values = torch.cat([v_cache[:, r] for r in runs], dim=1)
+                    o = self._attend(qi, keys, values, mask)
+            out[span.q_start : span.q_end] = o
         return self.o_proj(out.view(N, H * D))
+
+    def _attend_runs(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     runs: list[slice]) -> torch.Tensor:
+        """One decode query over K/V in several runs: attend to each run in place, then merge
+        by log-sum-exp: out = sum_r exp(lse_r - lse) * out_r."""
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qg = q.view(1, Hkv, H // Hkv, D)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        outs, lses = [], []
+        for r in runs:
+            o, lse = flash(qg, k_cache[:, r].unsqueeze(0), v_cache[:, r].unsqueeze(0))
+            outs.append(o.float())
+            lses.append(lse)
+        lse = torch.stack(lses)  # [R, 1, Hkv, G]
+        weights = torch.exp(lse - torch.logsumexp(lse, dim=0)).unsqueeze(-1)
+        merged = (torch.stack(outs) * weights).sum(0)
+        return merged.to(q.dtype).view(1, H, D)
 
     def _attend(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None

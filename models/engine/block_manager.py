@@ -11,13 +11,15 @@ Rules of the data structure:
   the same model. A hit also compares the stored tokens and parent hash (collisions never
   return wrong K/V).
 - A freed block keeps its hash and stays findable until it is reused for other tokens.
-- Allocation prefers the block right after the sequence's last one, so block tables stay
-  consecutive and attention can read K/V in place.
+- Allocation continues a sequence's last run of blocks when it can, and with
+  `reserve_decode` a sequence takes the blocks for its whole generation at admission, so
+  block tables are few consecutive runs and attention reads K/V in place.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
 
 from models.engine.sequence import Sequence
@@ -52,6 +54,8 @@ class BlockManager:
         enable_prefix_caching: bool = True,
         extra_key: str = "",
         release_window: int | None = None,
+        reserve_decode: bool = False,
+        max_reserve_tokens: int = 1024,
     ) -> None:
         assert num_blocks > 0 and block_size > 0
         self.num_blocks = num_blocks
@@ -60,6 +64,9 @@ class BlockManager:
         self.root_hash = hash_seed(extra_key)
         # Positions older than this many tokens before the next query are never read again.
         self.release_window = release_window
+        # Take a sequence's generation blocks at admission (see `admit`).
+        self.reserve_decode = reserve_decode and release_window is None
+        self.max_reserve_tokens = max_reserve_tokens
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block_id: dict[int, int] = {}
@@ -91,11 +98,8 @@ class BlockManager:
         block.ref_cnt = 1
         return block
 
-    def _allocate_block(self, preferred: int | None) -> int:
-        if preferred is not None and preferred < self.num_blocks and preferred in self.free_queue:
-            block_id = preferred
-        else:
-            block_id = next(iter(self.free_queue))
+    def _allocate_block(self, block_id: int) -> int:
+        """Take free block `block_id`, evicting the cached content it held."""
         block = self._take_free(block_id)
         if block.block_hash is not None:  # evict its cached content
             if self.hash_to_block_id.get(block.block_hash) == block_id:
@@ -174,6 +178,14 @@ class BlockManager:
         total_blocks = -(-(num_cached + num_new) // self.block_size)
         if total_blocks - len(hits) + num_free_hits > self.num_free_blocks:
             return None
+        # Reserve the blocks for the rest of the prompt and the whole generation now, when
+        # they can still be one consecutive run (attention then reads K/V in place).
+        reserve_blocks = 0
+        if self.reserve_decode:
+            lifetime = seq.num_tokens + min(seq.params.max_tokens or 0, self.max_reserve_tokens)
+            lifetime_blocks = -(-lifetime // self.block_size)
+            if lifetime_blocks - len(hits) + num_free_hits <= self.num_free_blocks:
+                reserve_blocks = lifetime_blocks - total_blocks
         for b in hits:
             self._acquire_cached(b)
         seq.block_table = list(hits)
@@ -185,6 +197,8 @@ class BlockManager:
         self.release_out_of_window(seq)
         ok = self.allocate(seq, num_new)
         assert ok, "admission checked the free pool but allocation failed"
+        if reserve_blocks > 0:
+            self._extend(seq.block_table, reserve_blocks)
         return num_new
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -193,11 +207,21 @@ class BlockManager:
         needed = self.num_blocks_needed(seq, num_new_tokens)
         if needed > self.num_free_blocks:
             return False
-        table = seq.block_table
-        for _ in range(needed):
-            last = table[-1] if table and table[-1] >= 0 else None
-            table.append(self._allocate_block(None if last is None else last + 1))
+        self._extend(seq.block_table, needed)
         return True
+
+    def _extend(self, table: list[int], n: int) -> None:
+        """Append n blocks: continue the table's last run while those blocks are free, then
+        take from the head of the free queue in ascending id order (a sequence that freed
+        its run tail first gives it back reversed; sorting makes it one run again)."""
+        nxt = table[-1] + 1 if table and table[-1] >= 0 else None
+        while n and nxt is not None and nxt < self.num_blocks and nxt in self.free_queue:
+            table.append(self._allocate_block(nxt))
+            nxt += 1
+            n -= 1
+        if n:
+            ids = sorted(itertools.islice(self.free_queue, n))
+            table.extend(self._allocate_block(b) for b in ids)
 
     def release_out_of_window(self, seq: Sequence) -> None:
         """Free the blocks whose positions every windowed layer has moved past."""

@@ -33,6 +33,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int | None = None  # None: 2 GiB on CPU, 60% of free memory on CUDA
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    # Take a request's generation blocks at admission so its block table is one consecutive
+    # run (attention reads K/V in place); costs memory held for outputs that stop early.
+    reserve_decode_blocks: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -79,6 +82,7 @@ class LLMEngine:
             num_blocks, bs, self.config.enable_prefix_caching,
             extra_key=f"{mc.name}|{mc.model_type}|{mc.vocab_size}|{model.dtype}",
             release_window=release_window,
+            reserve_decode=self.config.reserve_decode_blocks,
         )
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
                                    self.config.max_num_batched_tokens)

@@ -44,16 +44,24 @@ class ModelRunner:
             num_blocks, block_size, num_slots, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20,
         )
 
-    def _kv_slots(self, table: list[int], first_block: int, num_tokens: int) -> slice | torch.Tensor:
-        """Slots of `num_tokens` positions starting at block `first_block` of `table`."""
+    def _kv_runs(self, table: list[int], first_block: int, num_tokens: int) -> list[slice]:
+        """Slots of `num_tokens` positions from block `first_block` of `table`, as runs of
+        consecutive slots (one run when the blocks are consecutive)."""
         bs = self.block_size
         blocks = table[first_block : first_block + -(-num_tokens // bs)]
-        b0 = blocks[0]
-        if blocks[-1] - b0 == len(blocks) - 1 and all(b == b0 + j for j, b in enumerate(blocks)):
-            return slice(b0 * bs, b0 * bs + num_tokens)
-        ids = torch.tensor(blocks, dtype=torch.long)
-        slots = (ids.unsqueeze(1) * bs + torch.arange(bs)).reshape(-1)[:num_tokens]
-        return slots.to(self.model.device)
+        runs: list[slice] = []
+        run_start = prev = blocks[0]
+        for b in blocks[1:]:
+            if b != prev + 1:
+                runs.append(slice(run_start * bs, (prev + 1) * bs))
+                run_start = b
+            prev = b
+        runs.append(slice(run_start * bs, (prev + 1) * bs))
+        # the last block may be partly filled
+        excess = len(blocks) * bs - num_tokens
+        last = runs[-1]
+        runs[-1] = slice(last.start, last.stop - excess)
+        return runs
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
@@ -78,7 +86,7 @@ class ModelRunner:
             slot_mapping.append(table[(pos // bs) - start // bs] * bs + pos % bs)
             kv_start = seq.num_released_blocks * bs
             spans.append(SeqSpan(row, row + n, end, kv_start,
-                                 self._kv_slots(seq.block_table, seq.num_released_blocks, end - kv_start)))
+                                 self._kv_runs(seq.block_table, seq.num_released_blocks, end - kv_start)))
             row += n
             if end == seq.num_tokens:
                 sample_rows.append(row - 1)

@@ -123,3 +123,20 @@ def test_random_workloads_keep_allocator_invariants(num_blocks, block_size, budg
             assert s.block_table == [] or s.status is SequenceStatus.RUNNING
     assert bm.num_free_blocks == num_blocks
     assert all(len(s.output_token_ids) == s.params.max_tokens for s in seqs)
+
+
+def test_reserved_generation_blocks_keep_each_table_one_run():
+    bm = BlockManager(num_blocks=10, block_size=4, reserve_decode=True)
+    a, b = _seq("a", list(range(10)), max_tokens=8), _seq("b", list(range(50, 60)), max_tokens=8)
+    assert bm.admit(a, 64) == 10 and bm.admit(b, 64) == 10
+    # 10 prompt + 8 generated tokens = 18 tokens = 5 blocks each, taken at admission
+    assert a.block_table == [0, 1, 2, 3, 4] and b.block_table == [5, 6, 7, 8, 9]
+    for _ in range(8):
+        _compute(bm, a, 1 if a.output_token_ids else 10)
+        a.append_token(1)
+        assert bm.allocate(a, 1) and a.block_table == [0, 1, 2, 3, 4]
+    bm.free(a)
+    c = _seq("c", list(range(100, 116)), max_tokens=4)  # 20 tokens = 5 blocks
+    assert bm.admit(c, 64) == 16
+    assert c.block_table == [0, 1, 2, 3, 4]  # a's run came back reversed; sorted it is one run
+    bm.check_invariants()

@@ -70,9 +70,16 @@ def test_paged_attention_matches_reference(num_kv_heads, window, consecutive):
         tables.append(table)
         positions = torch.arange(cached, ctx)
         slot = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in positions.tolist()])
-        all_slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(ctx)])
-        kv_slots = slice(table[0] * BLOCK, table[0] * BLOCK + ctx) if consecutive else all_slots
-        spans.append(SeqSpan(row, row + new, ctx, 0, kv_slots))
+        # runs of consecutive slots, built slot by slot (one run when the table is consecutive)
+        runs = []
+        for p in range(ctx):
+            slot_p = table[p // BLOCK] * BLOCK + p % BLOCK
+            if runs and runs[-1].stop == slot_p:
+                runs[-1] = slice(runs[-1].start, slot_p + 1)
+            else:
+                runs.append(slice(slot_p, slot_p + 1))
+        assert (len(runs) == 1) == (consecutive or len(table) == 1)
+        spans.append(SeqSpan(row, row + new, ctx, 0, runs))
         xs.append(torch.randn(new, config.hidden_size, generator=g))
         pos_list.append(positions)
         slots.append(slot)
