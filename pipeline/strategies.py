@@ -109,8 +109,12 @@ class DocumentStrategy:
         ]
         return self._begin_reduce(nxt)
 
-    def _chunk_pieces(self) -> list[Piece]:
-        return [Piece(out or "", [i]) for i, out in enumerate(self.chunk_outputs)]
+    def _map_done(self, index: int, text: str) -> list[Request]:
+        """Record a chunk's output; once every chunk has one, start the merge."""
+        self.chunk_outputs[index] = text
+        if any(o is None for o in self.chunk_outputs):
+            return []
+        return self._begin_reduce([Piece(out, [i]) for i, out in enumerate(self.chunk_outputs)])
 
 
 class MapReduce(DocumentStrategy):
@@ -120,10 +124,7 @@ class MapReduce(DocumentStrategy):
         return [self.request("map", c.index, prompts.map_prompt(c.text, self.task)) for c in self.chunks]
 
     def _on_chunk_stage(self, req: Request, text: str) -> list[Request]:
-        self.chunk_outputs[req.index] = text
-        if any(o is None for o in self.chunk_outputs):
-            return []
-        return self._begin_reduce(self._chunk_pieces())
+        return self._map_done(req.index, text)
 
 
 class OverlapSummary(DocumentStrategy):
@@ -144,10 +145,7 @@ class OverlapSummary(DocumentStrategy):
         if req.stage == "ctx":
             c = self.chunks[req.index]
             return [self.request("map", c.index, prompts.map_with_context_prompt(c.text, text, self.task))]
-        self.chunk_outputs[req.index] = text
-        if any(o is None for o in self.chunk_outputs):
-            return []
-        return self._begin_reduce(self._chunk_pieces())
+        return self._map_done(req.index, text)
 
 
 class Refine(DocumentStrategy):
