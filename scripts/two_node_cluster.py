@@ -57,18 +57,24 @@ def main() -> int:
     args, extra = ap.parse_known_args()  # anything else goes to `docpipe run`
     extra = [a for a in extra if a != "--"]
     root = Path(tempfile.mkdtemp(prefix="docpipe-cluster-"))
-    env = dict(os.environ, HOME=str(root), RAY_USAGE_STATS_ENABLED="0")
+    # A fresh cluster: no Ray settings inherited from a parent process (a test session's Ray
+    # exports its auth mode and addresses); the head writes its own token under this HOME.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(root), RAY_USAGE_STATS_ENABLED="0")
     before = ray_pids()
     address = f"127.0.0.1:{args.port}"
     ray = str(BIN / "ray")
+    def start(cmd: list[str]) -> None:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
     try:
-        subprocess.run([ray, "start", "--head", f"--port={args.port}", "--num-cpus=1",
+        start([ray, "start", "--head", f"--port={args.port}", "--num-cpus=1",
                         "--resources", json.dumps({"head_node": 1}), f"--temp-dir={root / 'ray'}",
-                        "--include-dashboard=false", "--disable-usage-stats"],
-                       check=True, env=env, capture_output=True)
-        subprocess.run([ray, "start", f"--address={address}", "--num-cpus=1",
-                        "--resources", json.dumps({"second_node": 1})],
-                       check=True, env=env, capture_output=True)
+                        "--include-dashboard=false", "--disable-usage-stats"])
+        start([ray, "start", f"--address={address}", "--num-cpus=1",
+               "--resources", json.dumps({"second_node": 1})])
         check = (f"import ray, json; ray.init(address='{address}', logging_level='ERROR'); "
                  "print(json.dumps([sorted(k for k in n['Resources'] if k.endswith('_node')) "
                  "for n in ray.nodes() if n['Alive']]))")

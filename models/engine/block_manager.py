@@ -195,10 +195,10 @@ class BlockManager:
             self.num_queries += seq.num_prompt_tokens
             self.num_hits += seq.num_cached_tokens
         self.release_out_of_window(seq)
-        ok = self.allocate(seq, num_new)
-        assert ok, "admission checked the free pool but allocation failed"
-        if reserve_blocks > 0:
-            self._extend(seq.block_table, reserve_blocks)
+        # One allocation for the chunk and the reservation, so they form one run.
+        needed = self.num_blocks_needed(seq, num_new) + max(0, reserve_blocks)
+        assert needed <= self.num_free_blocks, "admission checked the free pool but it is short"
+        self._extend(seq.block_table, needed)
         return num_new
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
