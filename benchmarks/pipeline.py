@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data" / "moby-dick-100k.txt"
+# Run as a script, this file's folder comes first on sys.path and its own name would shadow
+# the `pipeline` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 
 def engine_alone(args) -> tuple[float, int]:
