@@ -47,6 +47,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str | None, Any]]] = {
         "max_num_seqs": (_INT, "max_num_seqs", None),
         "max_num_batched_tokens": (_INT, "max_num_batched_tokens", None),
         "kv_cache_memory_bytes": (_INT, "kv_cache_memory_bytes", None),
+        "batch_invariant": (_BOOL, "batch_invariant", None),
     },
     "chunking": {
         "chunk_tokens": (_INT, "chunk_tokens", None),

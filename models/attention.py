@@ -14,6 +14,17 @@ each run is read in place (a view, no copy). A decode query over several runs at
 run and merges the partial results by their log-sum-exp (CPU); prefill over several runs
 concatenates them first.
 
+Batch invariance (`AttentionMetadata.align`): the CPU flash-attention kernel's rounding for a
+query row depends on how many keys the call holds, so the same prompt prefilled in different
+pieces (as other requests share the step's token budget) can give K/V that differ in the last
+bit, and greedy decoding can then flip a near-tie token. With `align = A` a span's queries are
+split into groups that do not depend on the batch: prompt positions in groups
+[jA, min((j+1)A, prompt_len)), each attending to keys up to its own end, and positions past the
+prompt (recomputed after a preemption) one by one, exactly as decode computes them. The
+scheduler cuts prefill pieces only at those group ends, so every row is computed by the same
+call whatever else ran in the step; a decode over several runs gathers them instead of merging
+by log-sum-exp. `align=None` gives one call per span.
+
 Without a cache (`kv_cache=None`, used by tests and one-shot scoring) each sequence attends to
 its own tokens in the batch.
 """
@@ -39,6 +50,7 @@ class SeqSpan:
     # Cache slots of positions [kv_start, context_len), as runs of consecutive slots;
     # None: no cache (the sequence attends to its own tokens in the batch).
     kv_slots: list[slice] | None = None
+    prompt_len: int | None = None  # for batch-invariant grouping (see AttentionMetadata.align)
 
     @property
     def num_new(self) -> int:
@@ -46,13 +58,25 @@ class SeqSpan:
 
 
 @dataclass(slots=True)
+class QueryGroup:
+    """Rows [q0, q1) of a span (relative to its first new row) attend to the keys at positions
+    [k0, k1) (relative to the span's kv_start), under `mask` ([q1-q0, k1-k0] bool) or, when
+    mask is None, plain causal (a fresh group) or no mask (a single query)."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    mask: torch.Tensor | None
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     spans: list[SeqSpan]
     slot_mapping: torch.Tensor | None = None  # [N] cache slot of each new token
-    # (span index, window) -> (first key offset to read, mask or None); shared by all layers.
-    _plans: dict[tuple[int, int | None], tuple[int, torch.Tensor | None]] = field(
-        default_factory=dict
-    )
+    align: int | None = None  # batch-invariant query groups of this many prompt positions
+    # (span index, window) -> query groups; shared by all layers.
+    _plans: dict[tuple[int, int | None], list[QueryGroup]] = field(default_factory=dict)
 
     @classmethod
     def for_dense(cls, seq_lens: list[int]) -> AttentionMetadata:
@@ -63,46 +87,64 @@ class AttentionMetadata:
             start += n
         return cls(spans)
 
-    def plan(self, i: int, window: int | None, device: torch.device) -> tuple[int, torch.Tensor | None]:
-        """Which keys span i reads under `window`, and the boolean mask if one is needed."""
+    def plan(self, i: int, window: int | None, device: torch.device) -> list[QueryGroup]:
+        """The query groups of span i under `window`, with the keys each reads."""
         key = (i, window)
         cached = self._plans.get(key)
-        if cached is not None:
-            return cached
-        span = self.spans[i]
-        num_new, ctx = span.num_new, span.context_len
-        first_q = ctx - num_new
-        # Keys older than the first query's window are never read by any query of this span.
-        first_k = span.kv_start if window is None else max(span.kv_start, first_q - window + 1)
+        if cached is None:
+            span = self.spans[i]
+            first_q = span.context_len - span.num_new
+            cached = [self._group(span, first_q, lo, hi, window, device)
+                      for lo, hi in self._cuts(span, first_q)]
+            self._plans[key] = cached
+        return cached
+
+    def _cuts(self, span: SeqSpan, first_q: int) -> list[tuple[int, int]]:
+        """Absolute query position ranges, one per group."""
+        ctx = span.context_len
+        if self.align is None or span.num_new == 1 or span.prompt_len is None:
+            return [(first_q, ctx)]
+        a, prompt_end = self.align, span.prompt_len
+        cuts, lo = [], first_q
+        while lo < min(ctx, prompt_end):
+            hi = min((lo // a + 1) * a, prompt_end, ctx)
+            cuts.append((lo, hi))
+            lo = hi
+        cuts.extend((p, p + 1) for p in range(lo, ctx))  # past the prompt: one by one, as decode
+        return cuts
+
+    @staticmethod
+    def _group(span: SeqSpan, first_q: int, lo: int, hi: int, window: int | None,
+               device: torch.device) -> QueryGroup:
+        # Keys older than the first query's window are never read by any query of the group.
+        first_k = span.kv_start if window is None else max(span.kv_start, lo - window + 1)
         assert first_k >= span.kv_start, "window reaches evicted keys: evicted too early?"
-        offset = first_k - span.kv_start
         mask = None
-        needs_causal = num_new > 1
-        needs_window = window is not None and ctx - first_k > window
+        needs_causal = hi - lo > 1
+        needs_window = window is not None and hi - first_k > window
         if needs_causal or needs_window:
-            q_pos = torch.arange(first_q, ctx, device=device).unsqueeze(1)
-            k_pos = torch.arange(first_k, ctx, device=device).unsqueeze(0)
+            q_pos = torch.arange(lo, hi, device=device).unsqueeze(1)
+            k_pos = torch.arange(first_k, hi, device=device).unsqueeze(0)
             allowed = k_pos <= q_pos
             if window is not None:
                 allowed &= q_pos - k_pos < window
             # Plain causal over a fresh sequence: let SDPA use its causal kernel instead.
-            mask = None if (first_k == first_q and not needs_window) else allowed
-        self._plans[key] = (offset, mask)
-        return offset, mask
+            mask = None if (first_k == lo and not needs_window) else allowed
+        return QueryGroup(lo - first_q, hi - first_q, first_k - span.kv_start,
+                          hi - span.kv_start, mask)
 
 
-def _drop_front(runs: list[slice], n: int) -> list[slice]:
-    """The runs without their first n slots."""
-    if n == 0:
-        return runs
-    out = []
+def _select(runs: list[slice], k0: int, k1: int) -> list[slice]:
+    """The slots of positions [k0, k1) of a sequence whose positions are laid out in `runs`."""
+    out, pos = [], 0
     for r in runs:
         size = r.stop - r.start
-        if n >= size:
-            n -= size
-            continue
-        out.append(slice(r.start + n, r.stop))
-        n = 0
+        lo, hi = max(k0, pos), min(k1, pos + size)
+        if lo < hi:
+            out.append(slice(r.start + lo - pos, r.start + hi - pos))
+        pos += size
+        if pos >= k1:
+            break
     return out
 
 
@@ -129,7 +171,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         N = x.shape[0]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x)
+        fixed_k = meta.align is not None  # batch-invariant run
+        qkv = self.qkv_proj(x, fixed_k)
         # q and k sit side by side in the fused projection: rotate them in one pass.
         qk = apply_rotary(qkv[:, : (H + Hkv) * D].view(N, H + Hkv, D), cos, sin)
         q, k = qk[:, :H], qk[:, H:]
@@ -139,25 +182,25 @@ class Attention(nn.Module):
             k_cache[:, meta.slot_mapping] = k.transpose(0, 1)
             v_cache[:, meta.slot_mapping] = v.transpose(0, 1)
         out = torch.empty_like(q)
+        merge_runs = meta.align is None and x.device.type == "cpu"
         for i, span in enumerate(meta.spans):
-            offset, mask = meta.plan(i, self.window, x.device)
-            qi = q[span.q_start : span.q_end]
-            if kv_cache is None:
-                keys = k[span.q_start : span.q_end].transpose(0, 1)[:, offset:]  # [Hkv, T, D]
-                values = v[span.q_start : span.q_end].transpose(0, 1)[:, offset:]
-                o = self._attend(qi, keys, values, mask)
-            else:
-                runs = _drop_front(span.kv_slots, offset)
-                if len(runs) == 1:
-                    o = self._attend(qi, k_cache[:, runs[0]], v_cache[:, runs[0]], mask)
-                elif span.num_new == 1 and k_cache.device.type == "cpu":
-                    o = self._attend_runs(qi, k_cache, v_cache, runs)
+            for g in meta.plan(i, self.window, x.device):
+                qi = q[span.q_start + g.q0 : span.q_start + g.q1]
+                if kv_cache is None:
+                    rows = slice(span.q_start + g.k0, span.q_start + g.k1)
+                    o = self._attend(qi, k[rows].transpose(0, 1), v[rows].transpose(0, 1), g.mask)
                 else:
-                    keys = torch.cat([k_cache[:, r] for r in runs], dim=1)
-                    values = torch.cat([v_cache[:, r] for r in runs], dim=1)
-                    o = self._attend(qi, keys, values, mask)
-            out[span.q_start : span.q_end] = o
-        return self.o_proj(out.view(N, H * D))
+                    runs = _select(span.kv_slots, g.k0, g.k1)
+                    if len(runs) == 1:
+                        o = self._attend(qi, k_cache[:, runs[0]], v_cache[:, runs[0]], g.mask)
+                    elif g.q1 - g.q0 == 1 and merge_runs:
+                        o = self._attend_runs(qi, k_cache, v_cache, runs)
+                    else:
+                        keys = torch.cat([k_cache[:, r] for r in runs], dim=1)
+                        values = torch.cat([v_cache[:, r] for r in runs], dim=1)
+                        o = self._attend(qi, keys, values, g.mask)
+                out[span.q_start + g.q0 : span.q_start + g.q1] = o
+        return self.o_proj(out.view(N, H * D), fixed_k)
 
     def _attend_runs(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      runs: list[slice]) -> torch.Tensor:

@@ -32,6 +32,29 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+# oneDNN's reduced-precision GEMM on CPU picks its reduction blocking from the number of rows
+# when the reduced dimension is long (measured: K = 1536 varies with M, K <= 1024 does not),
+# so a row's value can depend on how many rows share the call. Batch-invariant runs reduce
+# long K in fixed slices and sum the slices in fp32 instead.
+INVARIANT_MAX_K = 1024
+
+
+def linear_fixed_k(x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` whose rows do not depend on x's row count (see above)."""
+    k = weight.shape[1]
+    if k <= INVARIANT_MAX_K or x.device.type != "cpu" or x.dtype == torch.float32:
+        return F.linear(x, weight, bias)
+    parts = -(-k // INVARIANT_MAX_K)
+    step = -(-k // parts)
+    out = F.linear(x[:, :step], weight[:, :step]).float()
+    for lo in range(step, k, step):
+        out += F.linear(x[:, lo : lo + step], weight[:, lo : lo + step])
+    if bias is not None:
+        out += bias
+    return out.to(x.dtype)
+
+
 class Linear(nn.Module):
     """`y = x @ W.T (+ b)` with HF's [out, in] weight layout; no init cost."""
 
@@ -40,7 +63,10 @@ class Linear(nn.Module):
         self.weight = empty_param(out_features, in_features)
         self.bias = empty_param(out_features) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fixed_k: bool = False) -> torch.Tensor:
+        """fixed_k: batch-invariant reduction (see `linear_fixed_k`)."""
+        if fixed_k:
+            return linear_fixed_k(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -53,9 +79,10 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
         self.down_proj = Linear(intermediate_size, hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, fixed_k: bool = False) -> torch.Tensor:
+        """fixed_k: batch-invariant reduction (see `linear_fixed_k`)."""
+        gate, up = self.gate_up_proj(x, fixed_k).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up, fixed_k)
 
 
 def _rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:

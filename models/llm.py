@@ -35,7 +35,9 @@ class LLM:
         enable_prefix_caching: bool = True,
         kv_cache_memory_bytes: int | None = None,
         max_model_len: int | None = None,
+        **engine_options,
     ) -> None:
+        """`engine_options`: further `EngineConfig` fields (batch_invariant, ...)."""
         self.loaded = model if isinstance(model, LoadedModel) else load_model(
             model, dtype=dtype, device=device or default_device()
         )
@@ -47,6 +49,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             max_model_len=max_model_len,
+            **engine_options,
         )
         self.engine = LLMEngine(self.loaded.model, self.tokenizer, config)
         self._counter = 0

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.layers import GatedMLP, Linear, empty_param
+from models.layers import GatedMLP, Linear, empty_param, linear_fixed_k
 
 
 def moe_gate(
@@ -62,10 +62,12 @@ class SparseMoeBlock(nn.Module):
         self.last_router_logits: torch.Tensor | None = None
 
     def forward(
-        self, x: torch.Tensor, route_stats: RouteStats | None = None, keep_logits: bool = False
+        self, x: torch.Tensor, route_stats: RouteStats | None = None, keep_logits: bool = False,
+        fixed_k: bool = False,
     ) -> torch.Tensor:
+        """fixed_k: batch-invariant reductions (see `models.layers.linear_fixed_k`)."""
         N, H = x.shape
-        router_logits = self.gate(x)  # [N, E]
+        router_logits = self.gate(x, fixed_k)  # [N, E]
         self.last_router_logits = router_logits if keep_logits else None
         weights, expert_ids = moe_gate(router_logits, self.top_k, self.normalize)
 
@@ -87,14 +89,18 @@ class SparseMoeBlock(nn.Module):
             if n == 0:
                 continue
             xs = x_sorted[start : start + n]
-            gate, up = F.linear(xs, self.w13[e]).split(self.intermediate_size, dim=-1)
-            out_sorted[start : start + n] = F.linear(F.silu(gate) * up, self.w2[e])
+            gate_up = linear_fixed_k(xs, self.w13[e]) if fixed_k else F.linear(xs, self.w13[e])
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            h = F.silu(gate) * up
+            out_sorted[start : start + n] = (
+                linear_fixed_k(h, self.w2[e]) if fixed_k else F.linear(h, self.w2[e])
+            )
             start += n
         out_sorted = out_sorted * weights.reshape(-1)[order].unsqueeze(1).to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token_rows, out_sorted)
         if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
+            shared = self.shared_expert(x, fixed_k)
+            out = out + torch.sigmoid(self.shared_expert_gate(x, fixed_k)) * shared
         return out
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 STRATEGIES = ("map-reduce", "overlap-summary", "refine")
 DEFAULT_MODEL = "smollm2-135m-instruct"
+PREFILL_ALIGN = 512  # EngineConfig.prefill_align_tokens: fixed, as it shapes the outputs
 
 
 @dataclass(slots=True)
@@ -36,6 +37,9 @@ class RunConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     kv_cache_memory_bytes: int | None = None
+    # Each request's output independent of what else is in flight, so a resumed job equals an
+    # uninterrupted one (models.engine.EngineConfig.batch_invariant).
+    batch_invariant: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -52,6 +56,12 @@ class RunConfig:
                      "max_inflight_docs", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+        if self.batch_invariant and self.max_num_batched_tokens < PREFILL_ALIGN + self.max_num_seqs - 1:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens}: batch-invariant runs need "
+                f"at least {PREFILL_ALIGN + self.max_num_seqs - 1} ({PREFILL_ALIGN} prefill tokens "
+                f"+ max_num_seqs - 1); raise it, or set batch_invariant = false"
+            )
         if self.num_gpus < 0:
             raise ValueError(f"num_gpus={self.num_gpus}: must be >= 0")
         if self.temperature < 0:
@@ -60,7 +70,7 @@ class RunConfig:
     # Fields that change what the model is asked or how it answers.
     OUTPUT_FIELDS = ("model", "dtype", "strategy", "encoding", "chunk_tokens", "overlap",
                      "max_summary_tokens", "context_summary_tokens", "task", "reduce_task",
-                     "temperature", "repetition_penalty", "seed")
+                     "temperature", "repetition_penalty", "seed", "batch_invariant")
 
     def fingerprint(self, weights_hash: str, prompt_version: str) -> str:
         """Hash of everything that changes an output: same document + same fingerprint ->

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.config import RunConfig
+from pipeline.config import PREFILL_ALIGN, RunConfig
 from pipeline.output import ResultWriter
 from pipeline.runner import PipelineRunner, RunStats
 from pipeline.stores import Document
@@ -27,7 +27,8 @@ class ConfigError(ValueError):
 
 def engine_spec(config: RunConfig) -> EngineSpec:
     engine = dict(max_num_seqs=config.max_num_seqs,
-                  max_num_batched_tokens=config.max_num_batched_tokens)
+                  max_num_batched_tokens=config.max_num_batched_tokens,
+                  batch_invariant=config.batch_invariant, prefill_align_tokens=PREFILL_ALIGN)
     if config.kv_cache_memory_bytes:
         engine["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
     device = "cuda" if config.num_gpus > 0 else "cpu"

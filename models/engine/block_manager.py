@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import OrderedDict
+from collections.abc import Callable
 
 from models.engine.sequence import Sequence
 
@@ -56,6 +57,7 @@ class BlockManager:
         release_window: int | None = None,
         reserve_decode: bool = False,
         max_reserve_tokens: int = 1024,
+        hit_align: int | None = None,
     ) -> None:
         assert num_blocks > 0 and block_size > 0
         self.num_blocks = num_blocks
@@ -67,6 +69,11 @@ class BlockManager:
         # Take a sequence's generation blocks at admission (see `admit`).
         self.reserve_decode = reserve_decode and release_window is None
         self.max_reserve_tokens = max_reserve_tokens
+        # Batch-invariant engines reuse a cached prefix only in whole multiples of this many
+        # tokens: K/V past the last such boundary of another prompt were computed by a
+        # different attention call than this prompt would make (see models.attention).
+        assert hit_align is None or hit_align % block_size == 0
+        self.hit_align_blocks = None if hit_align is None else hit_align // block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block_id: dict[int, int] = {}
@@ -154,6 +161,8 @@ class BlockManager:
                 break  # hash collision: treat as a miss
             hits.append(block_id)
             parent = h
+        if self.hit_align_blocks:
+            del hits[len(hits) // self.hit_align_blocks * self.hit_align_blocks :]
         return hits
 
     def num_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
@@ -163,18 +172,23 @@ class BlockManager:
     def can_allocate(self, seq: Sequence, num_new_tokens: int, num_reserved: int = 0) -> bool:
         return self.num_blocks_needed(seq, num_new_tokens) + num_reserved <= self.num_free_blocks
 
-    def admit(self, seq: Sequence, num_new_tokens_cap: int) -> int | None:
+    def admit(self, seq: Sequence, num_new_tokens_cap: int,
+              piece: Callable[[Sequence, int, int], int] | None = None) -> int | None:
         """Start a waiting sequence: reuse its cached prefix, allocate blocks for its first
-        chunk. Returns the number of tokens to compute now, or None if blocks are short
-        (nothing is changed then)."""
+        chunk. Returns the number of tokens to compute now, None if blocks are short, or 0 if
+        `piece(seq, start, cap)` (the scheduler's cut rule) allows nothing this step; nothing
+        is changed in the last two cases."""
         assert not seq.block_table and seq.num_computed_tokens == 0, "admitting a started sequence"
         hits = self.match_prefix(seq)
         # Cached blocks that are free count against the free pool once acquired.
         num_free_hits = sum(1 for b in hits if self.blocks[b].ref_cnt == 0)
         num_cached = len(hits) * self.block_size
-        num_new = min(seq.num_tokens - num_cached, num_new_tokens_cap)
+        if piece is None:
+            num_new = min(seq.num_tokens - num_cached, num_new_tokens_cap)
+        else:
+            num_new = piece(seq, num_cached, num_new_tokens_cap)
         if num_new <= 0:
-            return None
+            return 0
         total_blocks = -(-(num_cached + num_new) // self.block_size)
         if total_blocks - len(hits) + num_free_hits > self.num_free_blocks:
             return None

@@ -36,6 +36,12 @@ class EngineConfig:
     # Take a request's generation blocks at admission so its block table is one consecutive
     # run (attention reads K/V in place); costs memory held for outputs that stop early.
     reserve_decode_blocks: bool = True
+    # Batch invariance: a request's output does not depend on what else is in flight (greedy
+    # results of a resumed job equal an uninterrupted run's). Prefill pieces end at multiples
+    # of `prefill_align_tokens` (or the prompt's end) and prefix-cache hits count in whole
+    # multiples of it; see models.attention. False: pieces cut anywhere, hits per block.
+    batch_invariant: bool = False
+    prefill_align_tokens: int = 512
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -45,6 +51,18 @@ class EngineConfig:
             raise ValueError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= block_size"
             )
+        if self.prefill_align_tokens <= 0:
+            raise ValueError(f"prefill_align_tokens={self.prefill_align_tokens} must be positive")
+
+    @property
+    def align(self) -> int | None:
+        """The prefill alignment in effect: `prefill_align_tokens`, lowered (to whole blocks)
+        so that a piece always fits the budget that decodes leave; None if not invariant."""
+        if not self.batch_invariant:
+            return None
+        room = min(self.prefill_align_tokens, self.max_num_batched_tokens - self.max_num_seqs + 1)
+        align = room // self.block_size * self.block_size
+        return align if align > 0 else None
 
 
 def default_kv_cache_bytes(device: torch.device) -> int:
@@ -83,10 +101,11 @@ class LLMEngine:
             extra_key=f"{mc.name}|{mc.model_type}|{mc.vocab_size}|{model.dtype}",
             release_window=release_window,
             reserve_decode=self.config.reserve_decode_blocks,
+            hit_align=self.config.align,
         )
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
-                                   self.config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, bs)
+                                   self.config.max_num_batched_tokens, self.config.align)
+        self.runner = ModelRunner(model, num_blocks, bs, self.config.align)
         self.sampler = Sampler()
         if eos_token_ids is None:
             eos_token_ids = getattr(tokenizer, "stop_token_ids", None) or mc.eos_token_ids

@@ -27,9 +27,11 @@ def kv_bytes_per_token(model: TransformerLM) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: TransformerLM, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: TransformerLM, num_blocks: int, block_size: int,
+                 align: int | None = None) -> None:
         self.model = model
         self.block_size = block_size
+        self.align = align  # batch-invariant query groups (see models.attention)
         self.num_blocks = num_blocks
         c = model.config
         num_slots = num_blocks * block_size
@@ -86,12 +88,13 @@ class ModelRunner:
             slot_mapping.append(table[(pos // bs) - start // bs] * bs + pos % bs)
             kv_start = seq.num_released_blocks * bs
             spans.append(SeqSpan(row, row + n, end, kv_start,
-                                 self._kv_runs(seq.block_table, seq.num_released_blocks, end - kv_start)))
+                                 self._kv_runs(seq.block_table, seq.num_released_blocks, end - kv_start),
+                                 seq.num_prompt_tokens))
             row += n
             if end == seq.num_tokens:
                 sample_rows.append(row - 1)
                 sample_idx.append(i)
-        meta = AttentionMetadata(spans, torch.cat(slot_mapping).to(device))
+        meta = AttentionMetadata(spans, torch.cat(slot_mapping).to(device), self.align)
         ids = torch.tensor(input_ids, dtype=torch.long, device=device)
         pos = torch.cat(positions).to(device)
         route_stats = None
@@ -103,5 +106,5 @@ class ModelRunner:
                                      torch.zeros(len(batch.seqs), num_experts, dtype=torch.long, device=device))
         hidden = self.model(ids, pos, meta, self.kv_caches, route_stats)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=device)
-        logits = self.model.compute_logits(hidden[rows])
+        logits = self.model.compute_logits(hidden[rows], fixed_k=self.align is not None)
         return logits, sample_idx, None if route_stats is None else route_stats.counts.cpu()

@@ -10,6 +10,11 @@ When a running sequence needs a block and none is free, the most recently admitt
 sequence is preempted by recompute: its blocks are freed (they stay in the prefix cache), its
 generated tokens are kept, and it goes back to the front of the waiting queue. That costs time,
 never correctness: the recomputed K/V equal the dropped ones.
+
+With `align` (batch-invariant engines) a prompt piece ends only at a multiple of `align` or at
+the prompt's end, the boundaries of the attention's query groups (see models.attention): a
+piece that cannot reach one within the step's budget waits for the next step. So the pieces,
+and every row's attention call, are the same whatever else shares the step.
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, align: int | None = None) -> None:
         self.block_manager = block_manager
+        self.align = align
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -56,6 +62,13 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def _piece(self, seq: Sequence, start: int, budget: int) -> int:
+        """How many tokens `seq` computes this step from position `start` (0: none now)."""
+        n = min(seq.num_tokens - start, budget)
+        if self.align is None or start + n >= seq.num_prompt_tokens:
+            return n
+        return max(0, (start + n) // self.align * self.align - start)
+
     def schedule(self) -> ScheduledBatch:
         bm = self.block_manager
         budget = self.max_num_batched_tokens
@@ -64,8 +77,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            assert num_new > 0, "running sequence with nothing to compute"
+            assert seq.num_tokens > seq.num_computed_tokens, "running sequence with nothing to compute"
+            num_new = self._piece(seq, seq.num_computed_tokens, budget)
+            if num_new == 0:  # its next piece does not fit the budget left: next step
+                i += 1
+                continue
             while not bm.allocate(seq, num_new):
                 victim = self.running.pop()  # most recently admitted
                 self._preempt(victim)
@@ -81,7 +97,9 @@ class Scheduler:
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
-                num_new = bm.admit(seq, budget)
+                num_new = bm.admit(seq, budget, self._piece)
+                if num_new == 0:
+                    break
                 if num_new is None:
                     if not self.running and not batch.seqs:
                         raise RuntimeError(

@@ -266,3 +266,21 @@ def test_bf16_greedy_is_fp32_greedy_or_a_near_tie(fp32_model, tokenizer):
         if g != w:
             print(f"bf16 {g} vs fp32 {w}; fp32 gaps of bf16's choices {gaps}")
         assert max(gaps) <= MAX_BF16_LOGIT_GAP, gaps
+
+
+# -- 4. batch invariance in bf16 ---------------------------------------------------------------
+def test_bf16_batch_invariant_outputs_do_not_depend_on_the_batch(batch_prompts):
+    """bf16 CPU kernels round a row differently depending on its call's shape (how many rows,
+    how many keys), so plain batching can flip a near-tie greedy token. With batch_invariant
+    the 16 prompts give the same ids batched (chunked prefill mixed with decodes, prefix hits)
+    as one at a time. This is what makes a resumed job equal an uninterrupted one."""
+    prompts, _ = batch_prompts
+    bf16 = load_model(SMOLLM2_NAME, dtype="bfloat16")
+    options = dict(max_num_seqs=16, max_num_batched_tokens=512, batch_invariant=True,
+                   prefill_align_tokens=128, kv_cache_memory_bytes=KV_BYTES)
+    llm = LLM(bf16, **options)
+    alone = [llm.generate([p], GREEDY)[0] for p in prompts]
+    batched = LLM(bf16, **options).generate(prompts, GREEDY)
+    assert any(o.num_cached_tokens > 0 for o in alone + batched), "no prefix hit: weak test"
+    mismatches = [i for i, (a, b) in enumerate(zip(alone, batched)) if a.token_ids != b.token_ids]
+    assert not mismatches, f"prompts whose batched ids differ from alone: {mismatches}"

@@ -121,3 +121,46 @@ def test_bad_requests_raise():
         engine.add_request("long", list(range(2, 70)), SamplingParams())
     with pytest.raises(ValueError, match="token ids"):
         engine.add_request("v", [999], SamplingParams())
+
+
+def test_batch_invariant_engine(arch_case):
+    """Batch-invariant mode: prefill pieces end only at multiples of the alignment or at the
+    prompt end, prefix hits come in whole multiples of it, and outputs stay exact."""
+    model, prompts, refs = arch_case
+    engine = make_engine(model, max_num_batched_tokens=64, max_num_seqs=8,
+                         batch_invariant=True, prefill_align_tokens=32)
+    assert engine.config.align == 32
+    pieces = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        batch = schedule()
+        pieces.extend((s.num_computed_tokens, n, s.num_prompt_tokens)
+                      for s, n in zip(batch.seqs, batch.num_new_tokens))
+        return batch
+
+    engine.scheduler.schedule = recording_schedule
+    outs = run_all(engine, prompts, GREEDY)
+    assert [o.token_ids for o in outs] == refs
+    prefill = [(start, n, plen) for start, n, plen in pieces if start < plen]
+    assert any(start + n < plen for start, n, plen in prefill), "no prompt was cut: weak test"
+    assert all((start + n) % 32 == 0 or start + n >= plen for start, n, plen in prefill), prefill
+    assert all(o.num_cached_tokens % 32 == 0 for o in outs)
+
+
+def test_batch_invariant_prefix_hits_round_down_to_the_alignment():
+    model = tiny_model("llama")
+    prefix = torch.randint(2, 256, (1500,), generator=torch.Generator().manual_seed(5)).tolist()
+    engine = make_engine(model, num_blocks=400, max_num_batched_tokens=1024, max_num_seqs=4,
+                         batch_invariant=True, prefill_align_tokens=512)
+    run_all(engine, [prefix + [7, 8, 9]], SamplingParams(max_tokens=2, ignore_eos=True))
+    second, = run_all(engine, [prefix + [10, 11]], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert second.num_cached_tokens == 1024
+
+
+def test_batch_invariant_alignment_fits_the_budget():
+    from models.engine.engine import EngineConfig
+    assert EngineConfig(batch_invariant=True).align == 512
+    # decodes may take max_num_seqs - 1 tokens of the budget: the alignment leaves room
+    assert EngineConfig(batch_invariant=True, max_num_batched_tokens=256, max_num_seqs=16).align == 240
+    assert EngineConfig(batch_invariant=False).align is None

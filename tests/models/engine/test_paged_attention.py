@@ -48,7 +48,10 @@ def _reference(attn, config, x, span, positions, k_cache, v_cache, table, window
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])  # MHA, GQA, MQA
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("consecutive", [True, False])
-def test_paged_attention_matches_reference(num_kv_heads, window, consecutive):
+@pytest.mark.parametrize("align", [None, 4], ids=["one-call", "aligned-groups"])
+def test_paged_attention_matches_reference(num_kv_heads, window, consecutive, align):
+    """`align` splits prefill spans into batch-invariant query groups (models.attention):
+    the same values, computed in several calls."""
     config, attn = _layer(num_kv_heads, window)
     g = torch.Generator().manual_seed(1)
     num_blocks = 64
@@ -57,13 +60,15 @@ def test_paged_attention_matches_reference(num_kv_heads, window, consecutive):
     v_cache = torch.randn(Hkv, num_blocks * BLOCK, D, generator=g)
     # (cached context, new tokens): prefill from scratch, prefill after a cached prefix,
     # decode steps; lengths not multiples of the block size.
+    # The (3, 9) span recomputes 2 generated tokens after its 10-token prompt (a preemption).
     cases = [(0, 7), (5, 6), (13, 1), (22, 1), (3, 9), (9, 1)]
+    prompt_lens = [7, 11, 13, 22, 10, 9]
     free = list(range(num_blocks))
     if not consecutive:
         free = torch.randperm(num_blocks, generator=g).tolist()
     spans, xs, pos_list, slots, tables = [], [], [], [], []
     row = 0
-    for cached, new in cases:
+    for (cached, new), prompt_len in zip(cases, prompt_lens):
         ctx = cached + new
         n_blocks = -(-ctx // BLOCK)
         table = [free.pop(0) for _ in range(n_blocks)]
@@ -79,14 +84,14 @@ def test_paged_attention_matches_reference(num_kv_heads, window, consecutive):
             else:
                 runs.append(slice(slot_p, slot_p + 1))
         assert (len(runs) == 1) == (consecutive or len(table) == 1)
-        spans.append(SeqSpan(row, row + new, ctx, 0, runs))
+        spans.append(SeqSpan(row, row + new, ctx, 0, runs, prompt_len))
         xs.append(torch.randn(new, config.hidden_size, generator=g))
         pos_list.append(positions)
         slots.append(slot)
         row += new
     x = torch.cat(xs)
     positions = torch.cat(pos_list)
-    meta = AttentionMetadata(spans, torch.cat(slots))
+    meta = AttentionMetadata(spans, torch.cat(slots), align)
     cos, sin = RotaryEmbedding(config).cos_sin(positions, x.dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     got = attn(x, cos, sin, meta, (k_cache, v_cache))
@@ -114,3 +119,20 @@ def test_paged_attention_bf16_close_to_fp32():
     # bf16 keeps 8 mantissa bits: allow ~2% of the output's scale.
     scale = want.abs().max().item()
     torch.testing.assert_close(got.float(), want, atol=0.02 * scale, rtol=0.02)
+
+
+def test_aligned_query_groups():
+    """Prompt rows in groups ending at multiples of `align` or the prompt end; rows past the
+    prompt one by one; each group reads keys up to its own end."""
+    meta = AttentionMetadata([SeqSpan(0, 9, 12, 0, [slice(0, 12)], prompt_len=10)], align=4)
+    groups = meta.plan(0, None, torch.device("cpu"))
+    first_q = 3
+    cuts = [(g.q0 + first_q, g.q1 + first_q) for g in groups]
+    assert cuts == [(3, 4), (4, 8), (8, 10), (10, 11), (11, 12)]
+    assert [(g.k0, g.k1) for g in groups] == [(0, 4), (0, 8), (0, 10), (0, 11), (0, 12)]
+    # single rows need no mask; the others mask the keys after each query
+    assert [g.mask is None for g in groups] == [True, False, False, True, True]
+    assert groups[1].mask.tolist()[0] == [True] * 5 + [False] * 3
+    # without align: one group
+    meta = AttentionMetadata([SeqSpan(0, 9, 12, 0, [slice(0, 12)], prompt_len=10)])
+    assert len(meta.plan(0, None, torch.device("cpu"))) == 1
