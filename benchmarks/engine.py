@@ -55,7 +55,8 @@ def run_docpipe(prompts: list[list[int]], max_new: int, args) -> dict:
 
     llm = LLM(args.model, dtype="bfloat16", max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_memory_bytes=int(args.kv_gib * 2**30))
+              kv_cache_memory_bytes=int(args.kv_gib * 2**30),
+              batch_invariant=args.batch_invariant)
     params = SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True)
     llm.generate([prompts[0][:64]], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
     llm.engine.stats_.__init__()
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--kv-gib", type=float, default=3.0)
     ap.add_argument("--ref-batch", type=int, default=8)
     ap.add_argument("--ref-batches", type=int, default=None, help="reference batches to time (default all)")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="the engine mode `docpipe run` uses (see EngineConfig.batch_invariant)")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N chunks")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -33,12 +33,13 @@ def engine_alone(args) -> tuple[float, int]:
     from pipeline.chunking import chunk_text
     from pipeline.config import RunConfig
     from pipeline.prompts import as_chat, map_prompt, reduce_prompt
+    from pipeline.service import engine_spec
 
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = RunConfig()
     t0 = time.perf_counter()
-    llm = LLM(cfg.model, dtype=cfg.dtype, max_num_seqs=cfg.max_num_seqs,
-              max_num_batched_tokens=cfg.max_num_batched_tokens)
+    # the engine settings `docpipe run` uses (batch-invariant by default)
+    llm = LLM(cfg.model, dtype=cfg.dtype, **engine_spec(cfg).engine)
     tok = llm.get_tokenizer()
     chunks = chunk_text(DATA.read_text(), cfg.chunk_tokens, cfg.overlap, cfg.encoding)
     params = SamplingParams(max_tokens=cfg.max_summary_tokens, temperature=0.0,

@@ -100,20 +100,28 @@ def main() -> None:
             text = text[: args.limit_chunks * 1792 * 4]
         (store / "moby-dick-100k.txt").write_text(text)
 
-        t0 = time.perf_counter()
-        stats, _ = run_documents(RunConfig(use_ray=False), open_store(store), root / "plain.parquet")
-        t_plain = time.perf_counter() - t0
-        total = stats.num_requests
-        baseline = rows(pq.read_table(root / "plain.parquet"))
-        print(f"plain run (no job state): {t_plain:.1f} s, {total} requests")
-
-        spec = load_job(job_file(root, store, root / "job-full"))
-        t0 = time.perf_counter()
-        run_job(spec)
-        t_job = time.perf_counter() - t0
-        assert rows(read_dataset(spec.output_dir)) == baseline, "job output differs from the plain run"
-        print(f"job run with checkpointing: {t_job:.1f} s -> overhead {100 * (t_job / t_plain - 1):+.1f}% "
-              "(goal <= 5%)")
+        # Warm-up (model load, first-touch of the KV cache) on a short document, then plain
+        # and checkpointed runs alternated twice; the best of each is compared (this 2-core
+        # machine's timings drift by several percent from run to run).
+        warm = root / "warm"
+        warm.mkdir()
+        (warm / "w.txt").write_text(text[:4000])
+        run_documents(RunConfig(use_ray=False), open_store(warm), root / "warm.parquet")
+        t_plain, t_job = [], []
+        for rep in range(2):
+            t0 = time.perf_counter()
+            stats, _ = run_documents(RunConfig(use_ray=False), open_store(store), root / "plain.parquet")
+            t_plain.append(time.perf_counter() - t0)
+            total = stats.num_requests
+            baseline = rows(pq.read_table(root / "plain.parquet"))
+            spec = load_job(job_file(root, store, root / f"job-full-{rep}"))
+            t0 = time.perf_counter()
+            run_job(spec)
+            t_job.append(time.perf_counter() - t0)
+            assert rows(read_dataset(spec.output_dir)) == baseline, "job output differs from the plain run"
+        print(f"plain run (no job state): {' / '.join(f'{t:.1f}' for t in t_plain)} s, {total} requests")
+        print(f"job run with checkpointing: {' / '.join(f'{t:.1f}' for t in t_job)} s -> overhead "
+              f"{100 * (min(t_job) / min(t_plain) - 1):+.1f}% best against best (goal <= 5%)")
 
         spec = load_job(job_file(root, store, root / "job-killed"))
         side = root / "kill.json"

@@ -60,14 +60,19 @@ class SeqSpan:
 @dataclass(slots=True)
 class QueryGroup:
     """Rows [q0, q1) of a span (relative to its first new row) attend to the keys at positions
-    [k0, k1) (relative to the span's kv_start), under `mask` ([q1-q0, k1-k0] bool) or, when
-    mask is None, plain causal (a fresh group) or no mask (a single query)."""
+    [k0, k1) (relative to the span's kv_start).
+
+    How: `mask` ([q1-q0, k1-k0] bool) when given; else `split`: the keys before the group's
+    first query are seen by every row (one unmasked call, query heads folded onto their KV
+    head) and the last q1-q0 keys causally (one causal call), merged by log-sum-exp; else
+    plain causal (a fresh group) or no mask (a single query)."""
 
     q0: int
     q1: int
     k0: int
     k1: int
     mask: torch.Tensor | None
+    split: bool = False
 
 
 @dataclass(slots=True)
@@ -119,19 +124,21 @@ class AttentionMetadata:
         # Keys older than the first query's window are never read by any query of the group.
         first_k = span.kv_start if window is None else max(span.kv_start, lo - window + 1)
         assert first_k >= span.kv_start, "window reaches evicted keys: evicted too early?"
-        mask = None
-        needs_causal = hi - lo > 1
+        num_rows, num_prior = hi - lo, lo - first_k
         needs_window = window is not None and hi - first_k > window
-        if needs_causal or needs_window:
+        # On CPU a group after earlier keys runs as two calls (see QueryGroup): the masked
+        # kernel would compute every block and read a mask; elsewhere one masked call.
+        split = num_prior > 0 and num_rows > 1 and not needs_window and device.type == "cpu"
+        mask = None
+        if needs_window or (num_prior > 0 and num_rows > 1 and not split):
             q_pos = torch.arange(lo, hi, device=device).unsqueeze(1)
             k_pos = torch.arange(first_k, hi, device=device).unsqueeze(0)
             allowed = k_pos <= q_pos
             if window is not None:
                 allowed &= q_pos - k_pos < window
-            # Plain causal over a fresh sequence: let SDPA use its causal kernel instead.
-            mask = None if (first_k == lo and not needs_window) else allowed
+            mask = allowed
         return QueryGroup(lo - first_q, hi - first_q, first_k - span.kv_start,
-                          hi - span.kv_start, mask)
+                          hi - span.kv_start, mask, split)
 
 
 def _select(runs: list[slice], k0: int, k1: int) -> list[slice]:
@@ -146,6 +153,15 @@ def _select(runs: list[slice], k0: int, k1: int) -> list[slice]:
         if pos >= k1:
             break
     return out
+
+
+def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor,
+            runs: list[slice]) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [Hkv, T, D] of the slots in `runs`: a view for one run, a copy for several."""
+    if len(runs) == 1:
+        return k_cache[:, runs[0]], v_cache[:, runs[0]]
+    return (torch.cat([k_cache[:, r] for r in runs], dim=1),
+            torch.cat([v_cache[:, r] for r in runs], dim=1))
 
 
 class Attention(nn.Module):
@@ -189,6 +205,11 @@ class Attention(nn.Module):
                 if kv_cache is None:
                     rows = slice(span.q_start + g.k0, span.q_start + g.k1)
                     o = self._attend(qi, k[rows].transpose(0, 1), v[rows].transpose(0, 1), g.mask)
+                elif g.split:
+                    first = g.k1 - (g.q1 - g.q0)  # first key of the group's own rows
+                    kp, vp = _gather(k_cache, v_cache, _select(span.kv_slots, g.k0, first))
+                    kd, vd = _gather(k_cache, v_cache, _select(span.kv_slots, first, g.k1))
+                    o = self._attend_split(qi, kp, vp, kd, vd)
                 else:
                     runs = _select(span.kv_slots, g.k0, g.k1)
                     if len(runs) == 1:
@@ -196,8 +217,7 @@ class Attention(nn.Module):
                     elif g.q1 - g.q0 == 1 and merge_runs:
                         o = self._attend_runs(qi, k_cache, v_cache, runs)
                     else:
-                        keys = torch.cat([k_cache[:, r] for r in runs], dim=1)
-                        values = torch.cat([v_cache[:, r] for r in runs], dim=1)
+                        keys, values = _gather(k_cache, v_cache, runs)
                         o = self._attend(qi, keys, values, g.mask)
                 out[span.q_start + g.q0 : span.q_start + g.q1] = o
         return self.o_proj(out.view(N, H * D), fixed_k)
@@ -218,6 +238,29 @@ class Attention(nn.Module):
         weights = torch.exp(lse - torch.logsumexp(lse, dim=0)).unsqueeze(-1)
         merged = (torch.stack(outs) * weights).sum(0)
         return merged.to(q.dtype).view(1, H, D)
+
+    def _attend_split(self, q: torch.Tensor, k_prior: torch.Tensor, v_prior: torch.Tensor,
+                      k_diag: torch.Tensor, v_diag: torch.Tensor) -> torch.Tensor:
+        """Rows q [Tq, H, D] over earlier keys (all visible) and their own Tq keys (causal),
+        one flash call each, merged by log-sum-exp (CPU). -> [Tq, H, D]."""
+        Tq = q.shape[0]
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        G = H // Hkv
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, Tq, D]
+        if G > 1:
+            k_diag = k_diag.repeat_interleave(G, dim=0)
+            v_diag = v_diag.repeat_interleave(G, dim=0)
+        o_diag, lse_diag = flash(qh, k_diag.unsqueeze(0), v_diag.unsqueeze(0), 0.0, True)
+        # Earlier keys: every row sees all of them, so the G query heads of a KV head stack
+        # into one longer query (no K/V expansion, 3x the rows per key read).
+        qf = qh.reshape(1, Hkv, G * Tq, D)
+        o_prior, lse_prior = flash(qf, k_prior.unsqueeze(0), v_prior.unsqueeze(0))
+        o_prior, lse_prior = o_prior.reshape(1, H, Tq, D), lse_prior.reshape(1, H, Tq)
+        lse = torch.logaddexp(lse_prior, lse_diag)
+        o = (o_prior.float() * torch.exp(lse_prior - lse).unsqueeze(-1)
+             + o_diag.float() * torch.exp(lse_diag - lse).unsqueeze(-1))
+        return o.to(q.dtype)[0].transpose(0, 1)
 
     def _attend(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None

@@ -130,9 +130,14 @@ def test_aligned_query_groups():
     cuts = [(g.q0 + first_q, g.q1 + first_q) for g in groups]
     assert cuts == [(3, 4), (4, 8), (8, 10), (10, 11), (11, 12)]
     assert [(g.k0, g.k1) for g in groups] == [(0, 4), (0, 8), (0, 10), (0, 11), (0, 12)]
-    # single rows need no mask; the others mask the keys after each query
-    assert [g.mask is None for g in groups] == [True, False, False, True, True]
-    assert groups[1].mask.tolist()[0] == [True] * 5 + [False] * 3
+    # on CPU, groups after earlier keys run as prior keys + causal diagonal; no masks
+    assert [g.split for g in groups] == [False, True, True, False, False]
+    assert all(g.mask is None for g in groups)
+    # a window shorter than a group's keys needs the explicit mask
+    windowed = meta.plan(0, 3, torch.device("cpu"))
+    assert (windowed[1].k0, windowed[1].k1) == (2, 8)  # keys 2..7: the first query's window on
+    assert windowed[1].mask.tolist()[0] == [True, True, True, False, False, False]
+    assert not windowed[1].split
     # without align: one group
     meta = AttentionMetadata([SeqSpan(0, 9, 12, 0, [slice(0, 12)], prompt_len=10)])
     assert len(meta.plan(0, None, torch.device("cpu"))) == 1
