@@ -128,16 +128,43 @@ class PipelineRunner:
         self._active: dict[str, _DocState] = {}
         self._requests: dict[str, tuple[str, Request]] = {}
         self._ready: deque[WorkResult] = deque()
+        self._chunking: dict[int, Document] = {}  # chunk task tag -> document
+        self._next_tag = 0
 
     # -- documents --------------------------------------------------------------------------
     def _start(self, doc: Document, write: Callable[[DocResult], None]) -> None:
+        """Chunk a document: in a Ray task beside the replicas when the pool runs tasks (the
+        driver only routes), else here; `_chunked` continues."""
         self.stats.num_docs += 1
         if doc.error is not None:
             self._write_error(doc, doc.error, write)
             return
+        cfg = self.config
+        args = (doc.text, cfg.chunk_tokens, cfg.overlap, cfg.encoding)
+        submit_task = getattr(self.pool, "submit_task", None)
+        if submit_task is not None:
+            tag = self._next_tag = self._next_tag + 1
+            self._chunking[tag] = doc
+            submit_task(chunk_text, args, tag)
+            return
         try:
-            chunks = chunk_text(doc.text, self.config.chunk_tokens, self.config.overlap,
-                                self.config.encoding)
+            chunks = chunk_text(*args)
+        except Exception as exc:  # one bad document never stops the run
+            logger.debug("document %s failed to chunk", doc.doc_id, exc_info=True)
+            self._write_error(doc, f"{type(exc).__name__}: {exc}", write)
+            return
+        self._chunked(doc, chunks, write)
+
+    def _take_chunked(self, write) -> None:
+        for tag, chunks, error in self.pool.task_results():
+            doc = self._chunking.pop(tag)
+            if error is not None:
+                self._write_error(doc, error, write)
+            else:
+                self._chunked(doc, chunks, write)
+
+    def _chunked(self, doc: Document, chunks, write: Callable[[DocResult], None]) -> None:
+        try:
             if not chunks:
                 raise ValueError(f"{doc.source}: document is empty; nothing to summarize")
             cfg = self.config
@@ -156,8 +183,11 @@ class PipelineRunner:
             self._submit(state, strategy.start())
         except Exception as exc:  # one bad document never stops the run
             logger.debug("document %s failed to start", doc.doc_id, exc_info=True)
-            self._active.pop(doc_key(doc, self.fingerprint), None)
-            self._write_error(doc, f"{type(exc).__name__}: {exc}", write)
+            state = self._active.get(doc_key(doc, self.fingerprint))
+            if state is not None and state.doc is doc:
+                self._fail(state, f"{type(exc).__name__}: {exc}", write)
+            else:
+                self._write_error(doc, f"{type(exc).__name__}: {exc}", write)
 
     def _submit(self, state: _DocState, reqs: list[Request]) -> None:
         work = []
@@ -253,19 +283,24 @@ class PipelineRunner:
         exhausted = False
         last_progress = 0.0
         while True:
-            while not exhausted and len(self._active) < self.config.max_inflight_docs:
+            while not exhausted and (len(self._active) + len(self._chunking)
+                                     < self.config.max_inflight_docs):
                 doc = next(docs, None)
                 if doc is None:
                     exhausted = True
                     break
                 self._start(doc, write)
                 self._drain_ready(write)
-            if exhausted and not self._active:
+            if self._chunking:
+                self._take_chunked(write)
+                self._drain_ready(write)
+            if exhausted and not self._active and not self._chunking:
                 break
             if self._ready:
                 self._drain_ready(write)
                 continue
-            for res in self.pool.results(timeout=0.5):
+            # Wait for model results; briefly while chunk tasks may finish.
+            for res in self.pool.results(timeout=0.05 if self._chunking else 0.5):
                 self._deliver(res, write)
             self._drain_ready(write)
             now = time.perf_counter()

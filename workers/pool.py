@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from workers.host import EngineHost, EngineSpec, WorkRequest, WorkResult
@@ -102,6 +102,8 @@ class RayPool:
         self.inflight: list[dict[str, WorkRequest]] = [{} for _ in range(num_replicas)]
         self.actors = [self._start(i) for i in range(num_replicas)]
         self.pending: dict[Any, int] = {}  # collect() future -> replica
+        self.tasks: dict[Any, Any] = {}  # submit_task() future -> tag
+        self._remote_fns: dict[Callable, Any] = {}
         ray.get([a.ready.remote() for a in self.actors])
 
     def _start(self, replica: int):
@@ -174,6 +176,39 @@ class RayPool:
                 self.router.complete(req.routing_key, i, len(req.prompt_token_ids))
                 done.append(res)
         return done
+
+    # -- light CPU tasks beside the replicas (document chunking) ----------------------------
+    def submit_task(self, fn: Callable, args: tuple, tag: Any) -> None:
+        """Run `fn(*args)` as a Ray task; `(tag, value, error)` comes back from task_results.
+        num_cpus=0: the tasks are light and must not wait for the CPUs the replicas hold."""
+        import ray
+
+        remote = self._remote_fns.get(fn)
+        if remote is None:
+            remote = self._remote_fns[fn] = ray.remote(num_cpus=0)(fn)
+        self.tasks[remote.remote(*args)] = tag
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def task_results(self) -> list[tuple[Any, Any, str | None]]:
+        """Finished tasks as (tag, value, None) or (tag, None, error message); never blocks."""
+        import ray
+        from ray.exceptions import RayTaskError
+
+        if not self.tasks:
+            return []
+        ready, _ = ray.wait(list(self.tasks), num_returns=len(self.tasks), timeout=0)
+        out = []
+        for ref in ready:
+            tag = self.tasks.pop(ref)
+            try:
+                out.append((tag, ray.get(ref), None))
+            except RayTaskError as exc:
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                out.append((tag, None, f"{type(cause).__name__}: {cause}"))
+        return out
 
     def replica_pids(self) -> list[int]:
         import ray

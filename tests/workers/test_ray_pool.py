@@ -66,3 +66,54 @@ def test_killed_worker_is_restarted_and_its_requests_retried(ray_session, tiny_m
         assert pool.replica_pids()[0] != pid
     finally:
         pool.close()
+
+
+def test_pipeline_over_ray_chunks_in_tasks(ray_session, tiny_model_dir, tmp_path):
+    """Over Ray, documents are chunked in Ray tasks beside the replica; the rows equal an
+    in-process run's, and an empty document still becomes its error row."""
+    from pipeline.chunking import chunk_text
+    from pipeline.config import RunConfig
+    from pipeline.output import read_results
+    from pipeline.service import engine_spec, run_documents
+    from pipeline.stores import open_store
+
+    store = tmp_path / "store"
+    store.mkdir()
+    words = "The whale surfaced near the ship. The crew watched in silence. "
+    for i in range(3):
+        (store / f"doc{i}.txt").write_text(f"Document {i}. " + words * (40 + 30 * i))
+    (store / "empty.txt").write_text("")
+    config = RunConfig(model=str(tiny_model_dir), dtype="float32", max_summary_tokens=6,
+                       chunk_tokens=128, overlap=16, max_num_batched_tokens=4096)
+    pool = RayPool(engine_spec(config), num_replicas=1, num_cpus=1)
+    try:
+        stats, _ = run_documents(config, open_store(store), tmp_path / "ray.parquet", pool=pool)
+        assert chunk_text in pool._remote_fns and pool.num_tasks == 0
+    finally:
+        pool.close()
+    local_stats, _ = run_documents(RunConfig(**{**config.to_dict(), "use_ray": False}),
+                                   open_store(store), tmp_path / "local.parquet")
+    over_ray = sorted(read_results(tmp_path / "ray.parquet"), key=lambda r: r["doc_id"])
+    local = sorted(read_results(tmp_path / "local.parquet"), key=lambda r: r["doc_id"])
+    keep = ["doc_id", "status", "error", "summary", "num_chunks", "num_tokens", "generated_tokens"]
+    assert [{k: r[k] for k in keep} for r in over_ray] == [{k: r[k] for k in keep} for r in local]
+    assert [r["status"] for r in over_ray] == ["ok", "ok", "ok", "error"]
+    assert "empty" in over_ray[-1]["error"]
+    assert stats.num_chunks > 3  # several chunks per document
+
+
+def test_task_errors_come_back_as_messages(ray_session, tiny_model_dir):
+    pool = RayPool(EngineSpec(model=str(tiny_model_dir), dtype="float32", num_threads=1))
+    try:
+        import json
+        pool.submit_task(json.loads, ("not json",), "t")
+        results = []
+        for _ in range(200):
+            results += pool.task_results()
+            if results:
+                break
+            import time
+            time.sleep(0.05)
+        assert results == [("t", None, "JSONDecodeError: Expecting value: line 1 column 1 (char 0)")]
+    finally:
+        pool.close()
