@@ -83,6 +83,10 @@ class AttentionMetadata:
     # (span index, window) -> query groups; shared by all layers.
     _plans: dict[tuple[int, int | None], list[QueryGroup]] = field(default_factory=dict)
 
+    @property
+    def batch_invariant(self) -> bool:
+        return self.align is not None
+
     @classmethod
     def for_dense(cls, seq_lens: list[int]) -> AttentionMetadata:
         """Metadata for independent sequences with no cache (each attends to itself)."""
@@ -124,13 +128,13 @@ class AttentionMetadata:
         # Keys older than the first query's window are never read by any query of the group.
         first_k = span.kv_start if window is None else max(span.kv_start, lo - window + 1)
         assert first_k >= span.kv_start, "window reaches evicted keys: evicted too early?"
-        num_rows, num_prior = hi - lo, lo - first_k
+        after_prior = lo > first_k and hi - lo > 1  # several rows after keys they all see
         needs_window = window is not None and hi - first_k > window
         # On CPU a group after earlier keys runs as two calls (see QueryGroup): the masked
         # kernel would compute every block and read a mask; elsewhere one masked call.
-        split = num_prior > 0 and num_rows > 1 and not needs_window and device.type == "cpu"
+        split = after_prior and not needs_window and device.type == "cpu"
         mask = None
-        if needs_window or (num_prior > 0 and num_rows > 1 and not split):
+        if needs_window or (after_prior and not split):
             q_pos = torch.arange(lo, hi, device=device).unsqueeze(1)
             k_pos = torch.arange(first_k, hi, device=device).unsqueeze(0)
             allowed = k_pos <= q_pos
@@ -164,6 +168,14 @@ def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor,
             torch.cat([v_cache[:, r] for r in runs], dim=1))
 
 
+def _merge_by_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Attention over the union of disjoint key sets from the (output [..., D], log-sum-exp
+    [...]) of each: sum_i exp(lse_i - lse) * out_i, in fp32."""
+    lse = torch.stack([p[1] for p in parts])
+    weights = torch.exp(lse - torch.logsumexp(lse, dim=0)).unsqueeze(-1)
+    return (torch.stack([p[0].float() for p in parts]) * weights).sum(0)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int) -> None:
         super().__init__()
@@ -187,7 +199,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         N = x.shape[0]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        fixed_k = meta.align is not None  # batch-invariant run
+        fixed_k = meta.batch_invariant
         qkv = self.qkv_proj(x, fixed_k)
         # q and k sit side by side in the fused projection: rotate them in one pass.
         qk = apply_rotary(qkv[:, : (H + Hkv) * D].view(N, H + Hkv, D), cos, sin)
@@ -198,7 +210,7 @@ class Attention(nn.Module):
             k_cache[:, meta.slot_mapping] = k.transpose(0, 1)
             v_cache[:, meta.slot_mapping] = v.transpose(0, 1)
         out = torch.empty_like(q)
-        merge_runs = meta.align is None and x.device.type == "cpu"
+        merge_runs = not meta.batch_invariant and x.device.type == "cpu"
         for i, span in enumerate(meta.spans):
             for g in meta.plan(i, self.window, x.device):
                 qi = q[span.q_start + g.q0 : span.q_start + g.q1]
@@ -229,15 +241,8 @@ class Attention(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         qg = q.view(1, Hkv, H // Hkv, D)
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        outs, lses = [], []
-        for r in runs:
-            o, lse = flash(qg, k_cache[:, r].unsqueeze(0), v_cache[:, r].unsqueeze(0))
-            outs.append(o.float())
-            lses.append(lse)
-        lse = torch.stack(lses)  # [R, 1, Hkv, G]
-        weights = torch.exp(lse - torch.logsumexp(lse, dim=0)).unsqueeze(-1)
-        merged = (torch.stack(outs) * weights).sum(0)
-        return merged.to(q.dtype).view(1, H, D)
+        parts = [flash(qg, k_cache[:, r].unsqueeze(0), v_cache[:, r].unsqueeze(0)) for r in runs]
+        return _merge_by_lse(parts).to(q.dtype).view(1, H, D)
 
     def _attend_split(self, q: torch.Tensor, k_prior: torch.Tensor, v_prior: torch.Tensor,
                       k_diag: torch.Tensor, v_diag: torch.Tensor) -> torch.Tensor:
@@ -256,10 +261,8 @@ class Attention(nn.Module):
         # into one longer query (no K/V expansion, 3x the rows per key read).
         qf = qh.reshape(1, Hkv, G * Tq, D)
         o_prior, lse_prior = flash(qf, k_prior.unsqueeze(0), v_prior.unsqueeze(0))
-        o_prior, lse_prior = o_prior.reshape(1, H, Tq, D), lse_prior.reshape(1, H, Tq)
-        lse = torch.logaddexp(lse_prior, lse_diag)
-        o = (o_prior.float() * torch.exp(lse_prior - lse).unsqueeze(-1)
-             + o_diag.float() * torch.exp(lse_diag - lse).unsqueeze(-1))
+        o = _merge_by_lse([(o_prior.reshape(1, H, Tq, D), lse_prior.reshape(1, H, Tq)),
+                           (o_diag, lse_diag)])
         return o.to(q.dtype)[0].transpose(0, 1)
 
     def _attend(

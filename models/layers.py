@@ -39,11 +39,12 @@ class RMSNorm(nn.Module):
 INVARIANT_MAX_K = 1024
 
 
-def linear_fixed_k(x: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` whose rows do not depend on x's row count (see above)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           fixed_k: bool = False) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`; with fixed_k, rows that do not depend on x's row count
+    (batch-invariant runs, see above)."""
     k = weight.shape[1]
-    if k <= INVARIANT_MAX_K or x.device.type != "cpu" or x.dtype == torch.float32:
+    if not fixed_k or k <= INVARIANT_MAX_K or x.device.type != "cpu" or x.dtype == torch.float32:
         return F.linear(x, weight, bias)
     parts = -(-k // INVARIANT_MAX_K)
     step = -(-k // parts)
@@ -64,10 +65,8 @@ class Linear(nn.Module):
         self.bias = empty_param(out_features) if bias else None
 
     def forward(self, x: torch.Tensor, fixed_k: bool = False) -> torch.Tensor:
-        """fixed_k: batch-invariant reduction (see `linear_fixed_k`)."""
-        if fixed_k:
-            return linear_fixed_k(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        """fixed_k: batch-invariant reduction (see `linear`)."""
+        return linear(x, self.weight, self.bias, fixed_k)
 
 
 class GatedMLP(nn.Module):
@@ -80,7 +79,7 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor, fixed_k: bool = False) -> torch.Tensor:
-        """fixed_k: batch-invariant reduction (see `linear_fixed_k`)."""
+        """fixed_k: batch-invariant reduction (see `linear`)."""
         gate, up = self.gate_up_proj(x, fixed_k).split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up, fixed_k)
 

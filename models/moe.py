@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.layers import GatedMLP, Linear, empty_param, linear_fixed_k
+from models.layers import GatedMLP, Linear, empty_param, linear
 
 
 def moe_gate(
@@ -65,7 +65,7 @@ class SparseMoeBlock(nn.Module):
         self, x: torch.Tensor, route_stats: RouteStats | None = None, keep_logits: bool = False,
         fixed_k: bool = False,
     ) -> torch.Tensor:
-        """fixed_k: batch-invariant reductions (see `models.layers.linear_fixed_k`)."""
+        """fixed_k: batch-invariant reductions (see `models.layers.linear`)."""
         N, H = x.shape
         router_logits = self.gate(x, fixed_k)  # [N, E]
         self.last_router_logits = router_logits if keep_logits else None
@@ -89,12 +89,8 @@ class SparseMoeBlock(nn.Module):
             if n == 0:
                 continue
             xs = x_sorted[start : start + n]
-            gate_up = linear_fixed_k(xs, self.w13[e]) if fixed_k else F.linear(xs, self.w13[e])
-            gate, up = gate_up.split(self.intermediate_size, dim=-1)
-            h = F.silu(gate) * up
-            out_sorted[start : start + n] = (
-                linear_fixed_k(h, self.w2[e]) if fixed_k else F.linear(h, self.w2[e])
-            )
+            gate, up = linear(xs, self.w13[e], fixed_k=fixed_k).split(self.intermediate_size, dim=-1)
+            out_sorted[start : start + n] = linear(F.silu(gate) * up, self.w2[e], fixed_k=fixed_k)
             start += n
         out_sorted = out_sorted * weights.reshape(-1)[order].unsqueeze(1).to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token_rows, out_sorted)

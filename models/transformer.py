@@ -9,12 +9,11 @@ for the [N, vocab] projection.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.attention import Attention, AttentionMetadata
 from models.config import ModelConfig
-from models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, empty_param, linear_fixed_k
+from models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, empty_param, linear
 from models.moe import RouteStats, SparseMoeBlock
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -36,7 +35,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, meta, kv_cache, route_stats, keep_router_logits):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
         h = self.post_attention_layernorm(x)
-        fixed_k = meta.align is not None  # batch-invariant run
+        fixed_k = meta.batch_invariant
         if self.is_moe:
             h = self.mlp(h, route_stats, keep_router_logits, fixed_k)
         else:
@@ -83,9 +82,9 @@ class TransformerLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor, fixed_k: bool = False) -> torch.Tensor:
-        """fp32 logits; fixed_k: batch-invariant reduction (see `layers.linear_fixed_k`)."""
+        """fp32 logits; fixed_k: batch-invariant reduction (see `layers.linear`)."""
         weight = self.embed_tokens if self.lm_head is None else self.lm_head.weight
-        return linear_fixed_k(hidden, weight).float() if fixed_k else F.linear(hidden, weight).float()
+        return linear(hidden, weight, fixed_k=fixed_k).float()
 
     # -- conveniences for tests and scoring -------------------------------------------------
     @torch.inference_mode()

@@ -106,5 +106,5 @@ class ModelRunner:
                                      torch.zeros(len(batch.seqs), num_experts, dtype=torch.long, device=device))
         hidden = self.model(ids, pos, meta, self.kv_caches, route_stats)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=device)
-        logits = self.model.compute_logits(hidden[rows], fixed_k=self.align is not None)
+        logits = self.model.compute_logits(hidden[rows], fixed_k=meta.batch_invariant)
         return logits, sample_idx, None if route_stats is None else route_stats.counts.cpu()
