@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import native
 from models.config import ModelConfig
 from models.layers import Linear, apply_rotary
 
@@ -76,12 +77,30 @@ class QueryGroup:
 
 
 @dataclass(slots=True)
+class DecodeRows:
+    """The single-query groups of a step under one window, as the native decode kernel reads
+    them: row `rows[i]` of the batch attends to the slots `run_start[j] .. + run_len[j]` for j
+    in `run_off[i] .. run_off[i+1]`, in order. `rest` holds every other group, per span."""
+
+    rows: torch.Tensor
+    run_off: torch.Tensor
+    run_start: torch.Tensor
+    run_len: torch.Tensor
+    rest: list[tuple[SeqSpan, list[QueryGroup]]]
+
+
+def _single(g: QueryGroup) -> bool:
+    return g.q1 - g.q0 == 1 and g.mask is None
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     spans: list[SeqSpan]
     slot_mapping: torch.Tensor | None = None  # [N] cache slot of each new token
     align: int | None = None  # batch-invariant query groups of this many prompt positions
     # (span index, window) -> query groups; shared by all layers.
     _plans: dict[tuple[int, int | None], list[QueryGroup]] = field(default_factory=dict)
+    _decode_rows: dict[int | None, DecodeRows] = field(default_factory=dict)
 
     @property
     def batch_invariant(self) -> bool:
@@ -106,6 +125,34 @@ class AttentionMetadata:
             cached = [self._group(span, first_q, lo, hi, window, device)
                       for lo, hi in self._cuts(span, first_q)]
             self._plans[key] = cached
+        return cached
+
+    def decode_rows(self, window: int | None, device: torch.device) -> DecodeRows:
+        """All single-query groups of the step (decodes, and rows recomputed one by one) with
+        their key slots, for one kernel call per layer; cached per window."""
+        cached = self._decode_rows.get(window)
+        if cached is not None:
+            return cached
+        rows, run_off, starts, lens, rest = [], [0], [], [], []
+        for i, span in enumerate(self.spans):
+            others = []
+            for g in self.plan(i, window, device):
+                if not _single(g) or span.kv_slots is None:
+                    others.append(g)
+                    continue
+                rows.append(span.q_start + g.q0)
+                for r in _select(span.kv_slots, g.k0, g.k1):
+                    starts.append(r.start)
+                    lens.append(r.stop - r.start)
+                run_off.append(len(starts))
+            if others:
+                rest.append((span, others))
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64)  # read by the CPU kernel
+
+        cached = DecodeRows(tensor(rows), tensor(run_off), tensor(starts), tensor(lens), rest)
+        self._decode_rows[window] = cached
         return cached
 
     def _cuts(self, span: SeqSpan, first_q: int) -> list[tuple[int, int]]:
@@ -210,9 +257,17 @@ class Attention(nn.Module):
             k_cache[:, meta.slot_mapping] = k.transpose(0, 1)
             v_cache[:, meta.slot_mapping] = v.transpose(0, 1)
         out = torch.empty_like(q)
+        kernel = self._native_kernel(x, kv_cache)
+        if kernel is not None:
+            dec = meta.decode_rows(self.window, x.device)
+            self._decode_native(kernel, dec, q, kv_cache, out)
+            pending = dec.rest
+        else:
+            pending = [(span, meta.plan(i, self.window, x.device))
+                       for i, span in enumerate(meta.spans)]
         merge_runs = not meta.batch_invariant and x.device.type == "cpu"
-        for i, span in enumerate(meta.spans):
-            for g in meta.plan(i, self.window, x.device):
+        for span, groups in pending:
+            for g in groups:
                 qi = q[span.q_start + g.q0 : span.q_start + g.q1]
                 if kv_cache is None:
                     rows = slice(span.q_start + g.k0, span.q_start + g.k1)
@@ -233,6 +288,31 @@ class Attention(nn.Module):
                         o = self._attend(qi, keys, values, g.mask)
                 out[span.q_start + g.q0 : span.q_start + g.q1] = o
         return self.o_proj(out.view(N, H * D), fixed_k)
+
+    def _native_kernel(self, x: torch.Tensor, kv_cache):
+        """The native decode kernel when it applies here (CPU cache, fp32/bf16), else None."""
+        if kv_cache is None or x.device.type != "cpu" or x.dtype not in native.DTYPES:
+            return None
+        kernel = native.paged_decode()
+        if kernel is None or self.head_dim > kernel.max_dim or (
+                self.num_heads // self.num_kv_heads > kernel.max_group):
+            return None
+        return kernel
+
+    def _decode_native(self, kernel, dec: DecodeRows, q: torch.Tensor,
+                       kv_cache: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> None:
+        """Attention of every single-query row in one call, K/V read in place."""
+        if not len(dec.rows):
+            return
+        k_cache, v_cache = kv_cache
+        D = self.head_dim
+        assert q.stride(2) == 1 and q.stride(1) == D and out.is_contiguous()
+        assert k_cache.stride() == v_cache.stride() and k_cache.stride()[1:] == (D, 1)
+        kernel(native.DTYPES[q.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(),
+               v_cache.data_ptr(), k_cache.stride(0), out.data_ptr(), out.stride(0),
+               dec.rows.data_ptr(), dec.run_off.data_ptr(), dec.run_start.data_ptr(),
+               dec.run_len.data_ptr(), len(dec.rows), self.num_heads, self.num_kv_heads, D,
+               D**-0.5)
 
     def _attend_runs(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      runs: list[slice]) -> torch.Tensor:

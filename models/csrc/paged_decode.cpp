@@ -1,0 +1,199 @@
+// Paged decode attention on CPU: one query row per sequence attends to its keys read in place
+// from the paged KV cache (no gather, no copy), with an online softmax in fp32.
+//
+// Cache layout per layer: K and V [num_kv_heads, num_slots, head_dim]; a row's keys are the
+// slots of its runs of consecutive slots, in order. Query heads that share a KV head are
+// computed together, so each key and value is read once per KV head.
+//
+// Work items are (row, kv head) pairs spread over the OpenMP threads; an item's arithmetic
+// order depends only on its own keys, never on the batch or the thread count, so a row's
+// output is the same whatever else is in the batch (batch invariance).
+//
+// Built by models/native.py with g++ -O3 -march=native -fopenmp; called through ctypes.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int kMaxGroup = 16;   // query heads per KV head
+constexpr int kMaxDim = 256;    // head_dim
+constexpr int kTile = 16;       // keys per softmax update
+
+// exp(x) for x <= 0, vectorisable (no libm call): 2^(x log2 e) split into 2^n * 2^f with
+// f in [-0.5, 0.5], 2^f by its Taylor series to degree 7 (relative error < 2e-7).
+#pragma omp declare simd
+inline float exp_nonpositive(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float y = x * 1.44269504088896341f;
+  const float n = __builtin_floorf(y + 0.5f);
+  const float f = y - n;
+  float p = 1.5252733804059840e-5f;
+  p = p * f + 1.5403530393381608e-4f;
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) {
+  uint32_t u = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void store(float* p, int64_t i, float x) { p[i] = x; }
+inline void store(uint16_t* p, int64_t i, float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays NaN
+    p[i] = static_cast<uint16_t>((u >> 16) | 0x40);
+    return;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  p[i] = static_cast<uint16_t>(u >> 16);
+}
+
+// DT > 0: head_dim known at compile time (fully vectorised loops); DT == 0: runtime D.
+template <typename T, int DT>
+void decode_item(const T* q, const T* k, const T* v, T* out, const int64_t* run_start,
+                 const int64_t* run_len, int64_t num_runs, int G, int D_, float scale) {
+  const int D = DT > 0 ? DT : D_;
+  alignas(64) float qf[kMaxGroup * kMaxDim];
+  alignas(64) float acc[kMaxGroup * kMaxDim];
+  alignas(64) float kf[kTile * kMaxDim];
+  alignas(64) float s[kMaxGroup * kTile];
+  float m[kMaxGroup], l[kMaxGroup];
+  for (int g = 0; g < G; ++g) {
+    for (int d = 0; d < D; ++d) qf[g * D + d] = load(q, g * D + d) * scale;
+    for (int d = 0; d < D; ++d) acc[g * D + d] = 0.f;
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+  }
+  for (int64_t r = 0; r < num_runs; ++r) {
+    const int64_t first = run_start[r], count = run_len[r];
+    for (int64_t t0 = 0; t0 < count; t0 += kTile) {
+      const int n = static_cast<int>(count - t0 < kTile ? count - t0 : kTile);
+      const int64_t base = (first + t0) * D;
+      for (int j = 0; j < n; ++j) {
+#pragma omp simd
+        for (int d = 0; d < D; ++d) kf[j * D + d] = load(k, base + j * D + d);
+      }
+      for (int g = 0; g < G; ++g) {
+        const float* qg = qf + g * D;
+        float tile_max = -INFINITY;
+        for (int j = 0; j < n; ++j) {
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int d = 0; d < D; ++d) dot += qg[d] * kf[j * D + d];
+          s[g * kTile + j] = dot;
+          tile_max = dot > tile_max ? dot : tile_max;
+        }
+        const float new_max = tile_max > m[g] ? tile_max : m[g];
+        // the first tile has nothing to correct (m = -inf)
+        const float correction = l[g] > 0.f ? exp_nonpositive(m[g] - new_max) : 0.f;
+        float sum = 0.f;
+        float* sg = s + g * kTile;
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < n; ++j) {
+          const float p = exp_nonpositive(sg[j] - new_max);
+          sg[j] = p;
+          sum += p;
+        }
+        l[g] = l[g] * correction + sum;
+        m[g] = new_max;
+        float* ag = acc + g * D;
+#pragma omp simd
+        for (int d = 0; d < D; ++d) ag[d] *= correction;
+      }
+      for (int j = 0; j < n; ++j) {
+#pragma omp simd
+        for (int d = 0; d < D; ++d) kf[d] = load(v, base + j * D + d);  // reuse as a V row
+        for (int g = 0; g < G; ++g) {
+          const float p = s[g * kTile + j];
+          float* ag = acc + g * D;
+#pragma omp simd
+          for (int d = 0; d < D; ++d) ag[d] += p * kf[d];
+        }
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    for (int d = 0; d < D; ++d) store(out, g * D + d, acc[g * D + d] * inv);
+  }
+}
+
+template <typename T, int DT>
+void run(const T* q, int64_t q_row_stride, const T* k, const T* v, int64_t kv_head_stride,
+         T* out, int64_t out_row_stride, const int64_t* rows, const int64_t* run_off,
+         const int64_t* run_start, const int64_t* run_len, int64_t num_rows, int H, int Hkv,
+         int D, float scale) {
+  const int G = H / Hkv;
+  const int64_t items = num_rows * Hkv;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t i = it / Hkv;
+    const int h = static_cast<int>(it % Hkv);
+    const int64_t row = rows[i];
+    decode_item<T, DT>(q + row * q_row_stride + h * G * D, k + h * kv_head_stride,
+                       v + h * kv_head_stride, out + row * out_row_stride + h * G * D,
+                       run_start + run_off[i], run_len + run_off[i], run_off[i + 1] - run_off[i],
+                       G, D, scale);
+  }
+}
+
+template <typename T>
+void dispatch(const T* q, int64_t q_row_stride, const T* k, const T* v, int64_t kv_head_stride,
+              T* out, int64_t out_row_stride, const int64_t* rows, const int64_t* run_off,
+              const int64_t* run_start, const int64_t* run_len, int64_t num_rows, int H, int Hkv,
+              int D, float scale) {
+  switch (D) {
+    case 64:
+      return run<T, 64>(q, q_row_stride, k, v, kv_head_stride, out, out_row_stride, rows,
+                        run_off, run_start, run_len, num_rows, H, Hkv, D, scale);
+    case 128:
+      return run<T, 128>(q, q_row_stride, k, v, kv_head_stride, out, out_row_stride, rows,
+                         run_off, run_start, run_len, num_rows, H, Hkv, D, scale);
+    default:
+      return run<T, 0>(q, q_row_stride, k, v, kv_head_stride, out, out_row_stride, rows,
+                       run_off, run_start, run_len, num_rows, H, Hkv, D, scale);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int docpipe_paged_decode_limits(int* max_group, int* max_dim) {
+  *max_group = kMaxGroup;
+  *max_dim = kMaxDim;
+  return 1;  // ABI version
+}
+
+// dtype: 0 = float32, 1 = bfloat16. Pointers are to the first element of each tensor.
+void docpipe_paged_decode(int dtype, const void* q, int64_t q_row_stride, const void* k,
+                          const void* v, int64_t kv_head_stride, void* out,
+                          int64_t out_row_stride, const int64_t* rows, const int64_t* run_off,
+                          const int64_t* run_start, const int64_t* run_len, int64_t num_rows,
+                          int H, int Hkv, int D, float scale) {
+  if (dtype == 1) {
+    dispatch(static_cast<const uint16_t*>(q), q_row_stride, static_cast<const uint16_t*>(k),
+             static_cast<const uint16_t*>(v), kv_head_stride, static_cast<uint16_t*>(out),
+             out_row_stride, rows, run_off, run_start, run_len, num_rows, H, Hkv, D, scale);
+  } else {
+    dispatch(static_cast<const float*>(q), q_row_stride, static_cast<const float*>(k),
+             static_cast<const float*>(v), kv_head_stride, static_cast<float*>(out),
+             out_row_stride, rows, run_off, run_start, run_len, num_rows, H, Hkv, D, scale);
+  }
+}
+
+}  // extern "C"
