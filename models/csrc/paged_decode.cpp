@@ -15,6 +15,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int kMaxGroup = 16;   // query heads per KV head
@@ -132,6 +136,152 @@ void decode_item(const T* q, const T* k, const T* v, T* out, const int64_t* run_
   }
 }
 
+#ifdef __AVX512F__
+// AVX-512 path for head_dim = 16 * NV and G query heads per KV head, both known at compile
+// time so the queries and accumulators stay in registers. Scores of a tile of 16 keys are
+// reduced together (a transpose-and-add tree) instead of one horizontal sum per key.
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// exp(x) for x <= 0, as exp_nonpositive() above, 16 lanes at a time.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(1.5252733804059840e-5f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381608e-4f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// r[j] = sum of the 16 lanes of v[j], for 16 vectors.
+inline __m512 reduce16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+  // each 128-bit lane of b[i] now holds partial sums of v[4i .. 4i+3]
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
+                       _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+template <typename T, int G, int NV>
+void decode_item_avx512(const T* q, const T* k, const T* v, T* out, const int64_t* run_start,
+                        const int64_t* run_len, int64_t num_runs, float scale) {
+  constexpr int D = 16 * NV;
+  __m512 qv[G][NV], acc[G][NV];
+  float m[G], l[G];
+  alignas(64) float qs[D];
+  for (int g = 0; g < G; ++g) {
+    for (int d = 0; d < D; ++d) qs[d] = load(q, g * D + d) * scale;
+    for (int i = 0; i < NV; ++i) {
+      qv[g][i] = _mm512_load_ps(qs + 16 * i);
+      acc[g][i] = _mm512_setzero_ps();
+    }
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+  }
+  alignas(64) float p[G][16];
+  __m512 part[G][16];
+  for (int64_t r = 0; r < num_runs; ++r) {
+    const int64_t first = run_start[r], count = run_len[r];
+    for (int64_t t0 = 0; t0 < count; t0 += 16) {
+      const int n = static_cast<int>(count - t0 < 16 ? count - t0 : 16);
+      const T* kt = k + (first + t0) * D;
+      const T* vt = v + (first + t0) * D;
+      for (int j = 0; j < 16; ++j) {
+        if (j >= n) {
+          for (int g = 0; g < G; ++g) part[g][j] = _mm512_setzero_ps();
+          continue;
+        }
+        __m512 kr[NV];
+        for (int i = 0; i < NV; ++i) kr[i] = load16(kt + j * D + 16 * i);
+        for (int g = 0; g < G; ++g) {
+          __m512 t = _mm512_mul_ps(qv[g][0], kr[0]);
+          for (int i = 1; i < NV; ++i) t = _mm512_fmadd_ps(qv[g][i], kr[i], t);
+          part[g][j] = t;
+        }
+      }
+      const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+      for (int g = 0; g < G; ++g) {
+        const __m512 s = reduce16(part[g]);
+        const float tile_max = _mm512_mask_reduce_max_ps(valid, s);
+        const float new_max = tile_max > m[g] ? tile_max : m[g];
+        const float correction = l[g] > 0.f ? std::exp(m[g] - new_max) : 0.f;
+        const __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(s, _mm512_set1_ps(new_max))));
+        l[g] = l[g] * correction + _mm512_reduce_add_ps(e);
+        m[g] = new_max;
+        _mm512_store_ps(p[g], e);
+        const __m512 c = _mm512_set1_ps(correction);
+        for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_mul_ps(acc[g][i], c);
+      }
+      for (int j = 0; j < n; ++j) {
+        __m512 vr[NV];
+        for (int i = 0; i < NV; ++i) vr[i] = load16(vt + j * D + 16 * i);
+        for (int g = 0; g < G; ++g) {
+          const __m512 pj = _mm512_set1_ps(p[g][j]);
+          for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_fmadd_ps(pj, vr[i], acc[g][i]);
+        }
+      }
+    }
+  }
+  alignas(64) float o[D];
+  for (int g = 0; g < G; ++g) {
+    const __m512 inv = _mm512_set1_ps(l[g] > 0.f ? 1.f / l[g] : 0.f);
+    for (int i = 0; i < NV; ++i) _mm512_store_ps(o + 16 * i, _mm512_mul_ps(acc[g][i], inv));
+    for (int d = 0; d < D; ++d) store(out, g * D + d, o[d]);
+  }
+}
+
+using ItemFn = void (*)(const void*, const void*, const void*, void*, const int64_t*,
+                        const int64_t*, int64_t, float);
+
+template <typename T, int G, int NV>
+void item_thunk(const void* q, const void* k, const void* v, void* out, const int64_t* rs,
+                const int64_t* rl, int64_t nr, float scale) {
+  decode_item_avx512<T, G, NV>(static_cast<const T*>(q), static_cast<const T*>(k),
+                               static_cast<const T*>(v), static_cast<T*>(out), rs, rl, nr, scale);
+}
+
+template <typename T, int NV>
+ItemFn pick_group(int G) {
+  switch (G) {
+    case 1: return item_thunk<T, 1, NV>;
+    case 2: return item_thunk<T, 2, NV>;
+    case 3: return item_thunk<T, 3, NV>;
+    case 4: return item_thunk<T, 4, NV>;
+    case 5: return item_thunk<T, 5, NV>;
+    case 6: return item_thunk<T, 6, NV>;
+    case 7: return item_thunk<T, 7, NV>;
+    case 8: return item_thunk<T, 8, NV>;
+    default: return nullptr;
+  }
+}
+
+template <typename T>
+ItemFn pick_avx512(int G, int D) {
+  if (D == 64) return pick_group<T, 4>(G);
+  if (D == 128) return pick_group<T, 8>(G);
+  return nullptr;
+}
+#endif  // __AVX512F__
+
 template <typename T, int DT>
 void run(const T* q, int64_t q_row_stride, const T* k, const T* v, int64_t kv_head_stride,
          T* out, int64_t out_row_stride, const int64_t* rows, const int64_t* run_off,
@@ -139,6 +289,20 @@ void run(const T* q, int64_t q_row_stride, const T* k, const T* v, int64_t kv_he
          int D, float scale) {
   const int G = H / Hkv;
   const int64_t items = num_rows * Hkv;
+#ifdef __AVX512F__
+  if (const ItemFn fast = pick_avx512<T>(G, D)) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t i = it / Hkv;
+      const int h = static_cast<int>(it % Hkv);
+      const int64_t row = rows[i];
+      fast(q + row * q_row_stride + h * G * D, k + h * kv_head_stride, v + h * kv_head_stride,
+           out + row * out_row_stride + h * G * D, run_start + run_off[i], run_len + run_off[i],
+           run_off[i + 1] - run_off[i], scale);
+    }
+    return;
+  }
+#endif
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t i = it / Hkv;

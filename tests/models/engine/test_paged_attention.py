@@ -169,12 +169,17 @@ def _decode_batch(dtype, num_kv_heads=3, heads=9, dim=64, seed=3):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_native_decode_matches_torch_path_and_is_batch_invariant(dtype, monkeypatch):
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (8, 1, 64), (6, 2, 32)],
+                         ids=["gqa-64", "mha-128", "mqa-64", "gqa-32"])
+def test_native_decode_matches_torch_path_and_is_batch_invariant(dtype, heads, kv_heads, dim,
+                                                                 monkeypatch):
+    """Head shapes of the vectorised path (head_dim 64/128, up to 8 query heads per KV head)
+    and of the portable one (head_dim 32)."""
     kernel = native.paged_decode()
     if kernel is None:
         assert shutil.which("g++") is None, "g++ is installed but the native kernel failed"
         pytest.skip("no C++ compiler: the native decode kernel is not built")
-    attn, x, cos, sin, spans, slots, cache = _decode_batch(dtype)
+    attn, x, cos, sin, spans, slots, cache = _decode_batch(dtype, kv_heads, heads, dim)
     got = attn(x, cos, sin, AttentionMetadata(spans, slots, align=512), cache)
     with monkeypatch.context() as m:
         m.setattr(native, "paged_decode", lambda: None)
