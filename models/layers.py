@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import native
 from models.config import ModelConfig
 
 
@@ -26,8 +27,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As the HF reference: normalise in fp32, round to x's dtype, then scale. The fused
-        # kernel gives the same values as the op-by-op form, several times faster.
+        # As the HF reference: normalise in fp32, round to x's dtype, then scale.
+        lib = native.elementwise(x)
+        w = self.weight
+        if (lib is not None and x.dim() == 2 and x.stride(1) == 1 and w.dtype == x.dtype
+                and w.is_contiguous()):
+            out = torch.empty(x.shape, dtype=x.dtype)
+            lib.docpipe_rms_norm(native.DTYPES[x.dtype], x.data_ptr(), x.stride(0), w.data_ptr(),
+                                 out.data_ptr(), x.shape[0], x.shape[1], self.eps)
+            return out
+        # torch's fused kernel gives the same values as the op-by-op form, several times faster
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -80,8 +89,20 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, fixed_k: bool = False) -> torch.Tensor:
         """fixed_k: batch-invariant reduction (see `linear`)."""
-        gate, up = self.gate_up_proj(x, fixed_k).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up, fixed_k)
+        return self.down_proj(silu_mul(self.gate_up_proj(x, fixed_k)), fixed_k)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for rows [gate | up] (SwiGLU), rounded as the two torch ops round."""
+    inter = gate_up.shape[-1] // 2
+    lib = native.elementwise(gate_up)
+    if lib is not None and gate_up.dim() == 2 and gate_up.stride(1) == 1:
+        out = torch.empty(gate_up.shape[0], inter, dtype=gate_up.dtype)
+        lib.docpipe_silu_mul(native.DTYPES[gate_up.dtype], gate_up.data_ptr(), gate_up.stride(0),
+                             out.data_ptr(), gate_up.shape[0], inter)
+        return out
+    gate, up = gate_up.split(inter, dim=-1)
+    return F.silu(gate) * up
 
 
 def _rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -139,7 +160,16 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [N, H, D]; cos/sin: [N, 1, D]."""
+    """x: [N, H, D] (rows may be strided); cos/sin: [N, 1, D] in x's dtype. -> [N, H, D]"""
+    N, H, D = x.shape
+    lib = native.elementwise(x)
+    if (lib is not None and x.stride(2) == 1 and x.stride(1) == D and cos.dtype == x.dtype
+            and sin.dtype == x.dtype and cos.stride(0) == D and cos.stride(2) == 1
+            and sin.stride() == cos.stride() and D % 2 == 0):
+        out = torch.empty(N, H, D, dtype=x.dtype)
+        lib.docpipe_rotary(native.DTYPES[x.dtype], x.data_ptr(), x.stride(0), out.data_ptr(),
+                           N, H, D, cos.data_ptr(), sin.data_ptr())
+        return out
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin

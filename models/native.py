@@ -1,14 +1,16 @@
 """Native CPU kernels, compiled on first use and loaded through ctypes.
 
-`paged_decode` (csrc/paged_decode.cpp) computes decode attention reading K/V in place from the
-paged cache. The shared library is built with the system C++ compiler (`g++`, or `$CXX`) for
-this machine's CPU (-march=native) into a cache folder keyed by the source, the flags and the
-CPU's feature flags, so it is built once per machine and reused by every process (Ray workers
-included). Building takes about a second; torch headers are not needed.
+`csrc/paged_decode.cpp`: decode attention reading K/V in place from the paged cache.
+`csrc/elementwise.cpp`: RMSNorm, SwiGLU and rotary embedding fused into one pass each.
 
-When no compiler is found, the build fails, or `DOCPIPE_NATIVE=0` is set, `paged_decode()`
-returns None and attention keeps its pure-torch path (same results within rounding), with one
-warning saying why.
+The sources are built with the system C++ compiler (`g++`, or `$CXX`) for this machine's CPU
+(-march=native) into one shared library, in a cache folder keyed by the sources, the flags and
+the CPU's feature flags: built once per machine (a few seconds) and reused by every process,
+Ray workers included. No torch headers are needed.
+
+When no compiler is found, the build fails, or `DOCPIPE_NATIVE=0` is set, every accessor here
+returns None and the model keeps its pure-torch path (the same results within rounding), with
+one warning saying why.
 """
 
 from __future__ import annotations
@@ -27,9 +29,20 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = ["paged_decode.cpp", "elementwise.cpp"]
+HEADERS = ["common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+_i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+SIGNATURES = {
+    "docpipe_paged_decode": [_int, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr,
+                             _ptr, _i64, _int, _int, _int, _f32],
+    "docpipe_rms_norm": [_int, _ptr, _i64, _ptr, _ptr, _i64, _i64, _f32],
+    "docpipe_silu_mul": [_int, _ptr, _i64, _ptr, _i64, _i64],
+    "docpipe_rotary": [_int, _ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr],
+}
 
 
 def cache_dir() -> Path:
@@ -51,11 +64,11 @@ def _cpu_flags() -> str:
 
 
 def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _cpu_flags().encode()])
-    ).hexdigest()[:16]
-    target = cache_dir() / f"paged_decode-{key}.so"
+    parts = [(CSRC / name).read_bytes() for name in SOURCES + HEADERS]
+    key = hashlib.sha256(b"\0".join(
+        [*parts, " ".join(FLAGS).encode(), compiler.encode(), _cpu_flags().encode()]
+    )).hexdigest()[:16]
+    target = cache_dir() / f"docpipe_kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -64,11 +77,11 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp],
-                              capture_output=True, text=True, timeout=300)
+        cmd = [compiler, *FLAGS, f"-I{CSRC}", *(str(CSRC / s) for s in SOURCES), "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
-            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
-                               else f"exit code {proc.returncode}")
+            err = proc.stderr.strip().splitlines()
+            raise RuntimeError(err[-1] if err else f"exit code {proc.returncode}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -77,29 +90,45 @@ def _build(compiler: str) -> Path:
 
 
 @functools.cache
-def paged_decode():
-    """The kernel's entry point (a ctypes function), or None when it cannot be used."""
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None when it cannot be used (see the module docstring)."""
     if os.environ.get("DOCPIPE_NATIVE", "1") == "0":
         return None
     compiler = os.environ.get("CXX") or shutil.which("g++")
     if compiler is None:
-        logger.warning("No C++ compiler (g++ or $CXX): decode attention uses the slower "
-                       "pure-torch path. Install g++ to build the native kernel.")
+        logger.warning("No C++ compiler (g++ or $CXX): the model uses its slower pure-torch "
+                       "CPU path. Install g++ to build the native kernels.")
         return None
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
     except Exception as exc:  # any build or load failure: fall back, say why
-        logger.warning("Building the native decode kernel failed (%s); decode attention uses "
-                       "the slower pure-torch path. Set DOCPIPE_NATIVE=0 to silence this.", exc)
+        logger.warning("Building the native CPU kernels failed (%s); the model uses its "
+                       "slower pure-torch path. Set DOCPIPE_NATIVE=0 to silence this.", exc)
         return None
-    fn = lib.docpipe_paged_decode
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64,
-                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float]
-    fn.restype = None
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
     limits = lib.docpipe_paged_decode_limits
     limits.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]
     max_group, max_dim = ctypes.c_int(), ctypes.c_int()
     limits(ctypes.byref(max_group), ctypes.byref(max_dim))
-    fn.max_group, fn.max_dim = max_group.value, max_dim.value
-    return fn
+    lib.docpipe_paged_decode.max_group = max_group.value
+    lib.docpipe_paged_decode.max_dim = max_dim.value
+    return lib
+
+
+def _fn(name: str):
+    lib = library()
+    return None if lib is None else getattr(lib, name)
+
+
+def paged_decode():
+    """Decode attention (`docpipe_paged_decode`, with .max_group and .max_dim), or None."""
+    return _fn("docpipe_paged_decode")
+
+
+def elementwise(x: torch.Tensor):
+    """The library when its fused elementwise kernels apply to `x` (CPU, fp32/bf16), or None."""
+    if x.device.type != "cpu" or x.dtype not in DTYPES:
+        return None
+    return library()

@@ -9,62 +9,20 @@
 // order depends only on its own keys, never on the batch or the thread count, so a row's
 // output is the same whatever else is in the batch (batch invariance).
 //
-// Built by models/native.py with g++ -O3 -march=native -fopenmp; called through ctypes.
+// Built by models/native.py (with elementwise.cpp, into one library); called through ctypes.
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "common.h"
+
 
 namespace {
 
 constexpr int kMaxGroup = 16;   // query heads per KV head
 constexpr int kMaxDim = 256;    // head_dim
 constexpr int kTile = 16;       // keys per softmax update
-
-// exp(x) for x <= 0, vectorisable (no libm call): 2^(x log2 e) split into 2^n * 2^f with
-// f in [-0.5, 0.5], 2^f by its Taylor series to degree 7 (relative error < 2e-7).
-#pragma omp declare simd
-inline float exp_nonpositive(float x) {
-  x = x < -87.f ? -87.f : x;
-  const float y = x * 1.44269504088896341f;
-  const float n = __builtin_floorf(y + 0.5f);
-  const float f = y - n;
-  float p = 1.5252733804059840e-5f;
-  p = p * f + 1.5403530393381608e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const uint16_t* p, int64_t i) {
-  uint32_t u = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline void store(float* p, int64_t i, float x) { p[i] = x; }
-inline void store(uint16_t* p, int64_t i, float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays NaN
-    p[i] = static_cast<uint16_t>((u >> 16) | 0x40);
-    return;
-  }
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  p[i] = static_cast<uint16_t>(u >> 16);
-}
 
 // DT > 0: head_dim known at compile time (fully vectorised loops); DT == 0: runtime D.
 template <typename T, int DT>
@@ -140,29 +98,6 @@ void decode_item(const T* q, const T* k, const T* v, T* out, const int64_t* run_
 // AVX-512 path for head_dim = 16 * NV and G query heads per KV head, both known at compile
 // time so the queries and accumulators stay in registers. Scores of a tile of 16 keys are
 // reduced together (a transpose-and-add tree) instead of one horizontal sum per key.
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// exp(x) for x <= 0, as exp_nonpositive() above, 16 lanes at a time.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(y, n);
-  __m512 p = _mm512_set1_ps(1.5252733804059840e-5f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381608e-4f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // r[j] = sum of the 16 lanes of v[j], for 16 vectors.
 inline __m512 reduce16(const __m512* v) {
