@@ -232,7 +232,7 @@ def test_different_seeds_differ():
 def test_min_tokens_masks_eos_and_stop_tokens(temperature):
     logits = torch.zeros(1, 10)
     logits[0, 3] = 50.0  # EOS
-    logits[0, 7] = 49.0  # stop token
+    logits[0, 7] = 40.0  # stop token (sampled after EOS with probability e^-10)
     state = SamplingState(SamplingParams(temperature=temperature, min_tokens=3,
                                          stop_token_ids=[7], seed=0), [])
     out = []
