@@ -77,15 +77,23 @@ class QueryGroup:
 
 
 @dataclass(slots=True)
-class DecodeRows:
-    """The single-query groups of a step under one window, as the native decode kernel reads
-    them: row `rows[i]` of the batch attends to the slots `run_start[j] .. + run_len[j]` for j
-    in `run_off[i] .. run_off[i+1]`, in order. `rest` holds every other group, per span."""
+class NativePlan:
+    """The groups of a step under one window that the native kernels compute, as they read
+    them. Decode: row `rows[i]` of the batch attends to the slots `run_start[j] .. +
+    run_len[j]` for j in `run_off[i] .. run_off[i+1]`, in order. Prefill (causal groups):
+    rows `p_row0[g] ..` (`p_nq[g]` of them) are the last of `p_nk[g]` keys in the runs
+    `p_run_off[g] .. p_run_off[g+1]`. `rest` holds every other group, per span."""
 
     rows: torch.Tensor
     run_off: torch.Tensor
     run_start: torch.Tensor
     run_len: torch.Tensor
+    p_row0: torch.Tensor
+    p_nq: torch.Tensor
+    p_nk: torch.Tensor
+    p_run_off: torch.Tensor
+    p_run_start: torch.Tensor
+    p_run_len: torch.Tensor
     rest: list[tuple[SeqSpan, list[QueryGroup]]]
 
 
@@ -100,7 +108,7 @@ class AttentionMetadata:
     align: int | None = None  # batch-invariant query groups of this many prompt positions
     # (span index, window) -> query groups; shared by all layers.
     _plans: dict[tuple[int, int | None], list[QueryGroup]] = field(default_factory=dict)
-    _decode_rows: dict[int | None, DecodeRows] = field(default_factory=dict)
+    _native: dict[tuple[int | None, bool], NativePlan] = field(default_factory=dict)
 
     @property
     def batch_invariant(self) -> bool:
@@ -127,32 +135,44 @@ class AttentionMetadata:
             self._plans[key] = cached
         return cached
 
-    def decode_rows(self, window: int | None, device: torch.device) -> DecodeRows:
-        """All single-query groups of the step (decodes, and rows recomputed one by one) with
-        their key slots, for one kernel call per layer; cached per window."""
-        cached = self._decode_rows.get(window)
+    def native_plan(self, window: int | None, device: torch.device, prefill: bool) -> NativePlan:
+        """All single-query groups of the step (decodes, and rows recomputed one by one) and,
+        with `prefill`, all causal groups (no explicit mask), with their key slots, for one
+        kernel call each per layer; cached per (window, prefill)."""
+        cached = self._native.get((window, prefill))
         if cached is not None:
             return cached
-        rows, run_off, starts, lens, rest = [], [0], [], [], []
+        rows, run_off, starts, lens = [], [0], [], []
+        p_row0, p_nq, p_nk, p_off, p_starts, p_lens = [], [], [], [0], [], []
+        rest = []
         for i, span in enumerate(self.spans):
             others = []
             for g in self.plan(i, window, device):
-                if not _single(g) or span.kv_slots is None:
+                if span.kv_slots is None or g.mask is not None or (g.q1 - g.q0 > 1 and not prefill):
                     others.append(g)
                     continue
-                rows.append(span.q_start + g.q0)
-                for r in _select(span.kv_slots, g.k0, g.k1):
-                    starts.append(r.start)
-                    lens.append(r.stop - r.start)
-                run_off.append(len(starts))
+                runs = _select(span.kv_slots, g.k0, g.k1)
+                if g.q1 - g.q0 == 1:
+                    rows.append(span.q_start + g.q0)
+                    starts.extend(r.start for r in runs)
+                    lens.extend(r.stop - r.start for r in runs)
+                    run_off.append(len(starts))
+                else:
+                    p_row0.append(span.q_start + g.q0)
+                    p_nq.append(g.q1 - g.q0)
+                    p_nk.append(g.k1 - g.k0)
+                    p_starts.extend(r.start for r in runs)
+                    p_lens.extend(r.stop - r.start for r in runs)
+                    p_off.append(len(p_starts))
             if others:
                 rest.append((span, others))
 
         def tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64)  # read by the CPU kernel
+            return torch.tensor(values, dtype=torch.int64)  # read by the CPU kernels
 
-        cached = DecodeRows(tensor(rows), tensor(run_off), tensor(starts), tensor(lens), rest)
-        self._decode_rows[window] = cached
+        cached = NativePlan(*map(tensor, (rows, run_off, starts, lens, p_row0, p_nq, p_nk,
+                                          p_off, p_starts, p_lens)), rest)
+        self._native[(window, prefill)] = cached
         return cached
 
     def _cuts(self, span: SeqSpan, first_q: int) -> list[tuple[int, int]]:
@@ -259,9 +279,12 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         kernel = self._native_kernel(x, kv_cache)
         if kernel is not None:
-            dec = meta.decode_rows(self.window, x.device)
-            self._decode_native(kernel, dec, q, kv_cache, out)
-            pending = dec.rest
+            prefill = native.prefill_attention(x.dtype, D, H // Hkv)
+            plan = meta.native_plan(self.window, x.device, prefill is not None)
+            self._decode_native(kernel, plan, q, kv_cache, out)
+            if prefill is not None:
+                self._prefill_native(prefill, plan, q, kv_cache, out)
+            pending = plan.rest
         else:
             pending = [(span, meta.plan(i, self.window, x.device))
                        for i, span in enumerate(meta.spans)]
@@ -299,7 +322,7 @@ class Attention(nn.Module):
             return None
         return kernel
 
-    def _decode_native(self, kernel, dec: DecodeRows, q: torch.Tensor,
+    def _decode_native(self, kernel, dec: NativePlan, q: torch.Tensor,
                        kv_cache: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> None:
         """Attention of every single-query row in one call, K/V read in place."""
         if not len(dec.rows):
@@ -313,6 +336,23 @@ class Attention(nn.Module):
                dec.rows.data_ptr(), dec.run_off.data_ptr(), dec.run_start.data_ptr(),
                dec.run_len.data_ptr(), len(dec.rows), self.num_heads, self.num_kv_heads, D,
                D**-0.5)
+
+    def _prefill_native(self, kernel, plan: NativePlan, q: torch.Tensor,
+                        kv_cache: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> None:
+        """Attention of every causal prefill group in one call, K/V read in place."""
+        if not len(plan.p_row0):
+            return
+        k_cache, v_cache = kv_cache
+        D = self.head_dim
+        assert q.stride(2) == 1 and q.stride(1) == D and out.is_contiguous()
+        assert k_cache.stride() == v_cache.stride() and k_cache.stride()[1:] == (D, 1)
+        done = kernel(native.DTYPES[q.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(),
+                      v_cache.data_ptr(), k_cache.stride(0), out.data_ptr(), out.stride(0),
+                      plan.p_row0.data_ptr(), plan.p_nq.data_ptr(), plan.p_nk.data_ptr(),
+                      plan.p_run_off.data_ptr(), plan.p_run_start.data_ptr(),
+                      plan.p_run_len.data_ptr(), len(plan.p_row0), self.num_heads,
+                      self.num_kv_heads, D, D**-0.5)
+        assert done, "prefill kernel refused a shape it said it supports"
 
     def _attend_runs(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      runs: list[slice]) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Native CPU kernels, compiled on first use and loaded through ctypes.
 
 `csrc/paged_decode.cpp`: decode attention reading K/V in place from the paged cache.
+`csrc/prefill_attention.cpp`: causal prefill attention for bf16 (AVX-512 BF16 CPUs).
 `csrc/elementwise.cpp`: RMSNorm, SwiGLU and rotary embedding fused into one pass each.
 
 The sources are built with the system C++ compiler (`g++`, or `$CXX`) for this machine's CPU
@@ -30,7 +31,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ["paged_decode.cpp", "elementwise.cpp"]
+SOURCES = ["paged_decode.cpp", "prefill_attention.cpp", "elementwise.cpp"]
 HEADERS = ["common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -39,6 +40,9 @@ _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c
 SIGNATURES = {
     "docpipe_paged_decode": [_int, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr,
                              _ptr, _i64, _int, _int, _int, _f32],
+    "docpipe_prefill_attention": [_int, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr,
+                                  _ptr, _ptr, _ptr, _ptr, _i64, _int, _int, _int, _f32],
+    "docpipe_prefill_supported": [_int, _int],
     "docpipe_rms_norm": [_int, _ptr, _i64, _ptr, _ptr, _i64, _i64, _f32],
     "docpipe_silu_mul": [_int, _ptr, _i64, _ptr, _i64, _i64],
     "docpipe_rotary": [_int, _ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr],
@@ -107,7 +111,8 @@ def library() -> ctypes.CDLL | None:
         return None
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int if name.startswith("docpipe_prefill") else None
     limits = lib.docpipe_paged_decode_limits
     limits.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]
     max_group, max_dim = ctypes.c_int(), ctypes.c_int()
@@ -125,6 +130,15 @@ def _fn(name: str):
 def paged_decode():
     """Decode attention (`docpipe_paged_decode`, with .max_group and .max_dim), or None."""
     return _fn("docpipe_paged_decode")
+
+
+def prefill_attention(dtype: torch.dtype, head_dim: int, group: int):
+    """Causal prefill attention (`docpipe_prefill_attention`) when it computes this dtype and
+    shape on this CPU (bf16, head_dim 64/128, AVX-512 BF16), else None."""
+    lib = library()
+    if lib is None or dtype != torch.bfloat16 or not lib.docpipe_prefill_supported(head_dim, group):
+        return None
+    return lib.docpipe_prefill_attention
 
 
 def elementwise(x: torch.Tensor):

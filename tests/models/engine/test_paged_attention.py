@@ -193,10 +193,79 @@ def test_native_decode_matches_torch_path_and_is_batch_invariant(dtype, heads, k
     q = torch.randn(len(spans), H, D, generator=torch.Generator().manual_seed(4)).to(dtype)
     batch = torch.empty_like(q)
     meta = AttentionMetadata(spans, slots, align=512)
-    attn._decode_native(kernel, meta.decode_rows(None, q.device), q, cache, batch)
+    attn._decode_native(kernel, meta.native_plan(None, q.device, False), q, cache, batch)
     for i, span in enumerate(spans):
         alone = AttentionMetadata([SeqSpan(0, 1, span.context_len, 0, span.kv_slots, 1)],
                                   slots[i : i + 1], align=512)
         one = torch.empty_like(q[i : i + 1])
-        attn._decode_native(kernel, alone.decode_rows(None, q.device), q[i : i + 1], cache, one)
+        attn._decode_native(kernel, alone.native_plan(None, q.device, False), q[i : i + 1], cache, one)
         assert torch.equal(one[0], batch[i]), f"row {i} depends on the batch"
+
+
+def _prefill_batch(heads, kv_heads, dim, align, seed=5):
+    """A bf16 layer and a step mixing fresh prompts, prompts after cached keys (in two runs of
+    slots), and decodes; block size 16, lengths not multiples of it."""
+    config = tiny_config("llama", num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=dim, hidden_size=heads * dim)
+    attn = Attention(config, 0)
+    g = torch.Generator().manual_seed(seed)
+    for p in attn.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    attn.to(torch.bfloat16)
+    k_cache = torch.randn(kv_heads, 8192, dim, generator=g).bfloat16()
+    v_cache = torch.randn(kv_heads, 8192, dim, generator=g).bfloat16()
+    # (cached, new, prompt_len); slots: [cached + new] in one run from `start`, or split in two
+    cases = [(0, 37, 37), (0, 1, 1), (100, 60, 300), (517, 300, 900), (40, 1, 30), (0, 130, 130)]
+    spans, slots, positions, row, start = [], [], [], 0, 0
+    for cached, new, prompt_len in cases:
+        ctx = cached + new
+        half = ctx // 2
+        runs = [slice(start, start + half), slice(start + 4000, start + 4000 + ctx - half)]
+        runs = [r for r in runs if r.stop > r.start]
+        spans.append(SeqSpan(row, row + new, ctx, 0, runs, prompt_len))
+        flat = torch.cat([torch.arange(r.start, r.stop) for r in runs])
+        slots.append(flat[cached:])
+        positions.append(torch.arange(cached, ctx))
+        row += new
+        start += half + 16
+    x = torch.randn(row, config.hidden_size, generator=g).bfloat16()
+    pos = torch.cat(positions)
+    cos, sin = RotaryEmbedding(config).cos_sin(pos, torch.bfloat16)
+    return attn, x, cos, sin, spans, torch.cat(slots), (k_cache, v_cache)
+
+
+@pytest.mark.parametrize("align", [None, 256], ids=["one-call", "aligned-groups"])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (8, 1, 64)],
+                         ids=["gqa-64", "mha-128", "mqa-64"])
+def test_native_prefill_matches_torch_path_and_is_batch_invariant(heads, kv_heads, dim, align,
+                                                                  monkeypatch):
+    kernel = native.prefill_attention(torch.bfloat16, dim, heads // kv_heads)
+    if kernel is None:
+        pytest.skip("this CPU or build has no native bf16 prefill kernel (needs AVX-512 BF16)")
+    attn, x, cos, sin, spans, slots, cache = _prefill_batch(heads, kv_heads, dim, align)
+    caches = [tuple(c.clone() for c in cache) for _ in range(2)]
+    got = attn(x, cos, sin, AttentionMetadata(spans, slots, align), caches[0])
+    with monkeypatch.context() as m:
+        m.setattr(native, "prefill_attention", lambda *a: None)
+        want = attn(x, cos, sin, AttentionMetadata(spans, slots, align), caches[1])
+    scale = want.float().abs().max().item()
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2 * scale, rtol=2e-2)
+    # The kernel's rows (called directly, on the cache the layer wrote) are the same bits
+    # alone as in the batch.
+    H, D = attn.num_heads, attn.head_dim
+    q = torch.randn(len(x), H, D, generator=torch.Generator().manual_seed(6)).bfloat16()
+    meta = AttentionMetadata(spans, slots, align)
+    plan = meta.native_plan(None, q.device, True)
+    assert len(plan.p_row0) >= 4, "the step should hold several prefill groups"
+    batch = torch.zeros_like(q)
+    attn._prefill_native(kernel, plan, q, caches[0], batch)
+    for span in spans:
+        if span.num_new == 1:
+            continue
+        alone_span = SeqSpan(0, span.num_new, span.context_len, 0, span.kv_slots, span.prompt_len)
+        rows = slice(span.q_start, span.q_end)
+        alone = AttentionMetadata([alone_span], slots[rows], align)
+        one = torch.zeros_like(q[rows])
+        attn._prefill_native(kernel, alone.native_plan(None, q.device, True), q[rows], caches[0],
+                             one)
+        assert torch.equal(one, batch[rows]), f"span at row {span.q_start} depends on the batch"
