@@ -71,7 +71,8 @@ def print_closing_table(stats, replica_stats: list[dict]) -> None:
         rows.append((
             f"replica {r.get('replica', 0)}",
             f"prefill {r['prefill_tok_per_s']:,.0f} tok/s, decode {r['decode_tok_per_s']:,.1f} tok/s, "
-            f"prefix hit rate {r['prefix_cache_hit_rate']:.1%}, preemptions {r['num_preemptions']}",
+            f"prefix hit rate {r['prefix_cache_hit_rate']:.1%}, preemptions {r['num_preemptions']}, "
+            f"busy {r.get('prefill_time_s', 0.0) + r.get('decode_time_s', 0.0):.1f} s",
         ))
         if r.get("expert_token_counts"):
             rows.append(("  tokens per expert", ", ".join(map(str, r["expert_token_counts"]))))
