@@ -173,11 +173,14 @@ class BlockManager:
         return self.num_blocks_needed(seq, num_new_tokens) + num_reserved <= self.num_free_blocks
 
     def admit(self, seq: Sequence, num_new_tokens_cap: int,
-              piece: Callable[[Sequence, int, int], int] | None = None) -> int | None:
+              piece: Callable[[Sequence, int, int], int] | None = None,
+              whole_lifetime: bool = False) -> int | None:
         """Start a waiting sequence: reuse its cached prefix, allocate blocks for its first
         chunk. Returns the number of tokens to compute now, None if blocks are short, or 0 if
         `piece(seq, start, cap)` (the scheduler's cut rule) allows nothing this step; nothing
-        is changed in the last two cases."""
+        is changed in the last two cases. `whole_lifetime` (with decode reservation): blocks
+        are short unless the whole reservation fits, so an admitted sequence never has to
+        preempt another to finish (the scheduler asks this while others are running)."""
         assert not seq.block_table and seq.num_computed_tokens == 0, "admitting a started sequence"
         hits = self.match_prefix(seq)
         # Cached blocks that are free count against the free pool once acquired.
@@ -200,6 +203,8 @@ class BlockManager:
             lifetime_blocks = -(-lifetime // self.block_size)
             if lifetime_blocks - len(hits) + num_free_hits <= self.num_free_blocks:
                 reserve_blocks = lifetime_blocks - total_blocks
+            elif whole_lifetime:
+                return None
         for b in hits:
             self._acquire_cached(b)
         seq.block_table = list(hits)

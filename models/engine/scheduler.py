@@ -97,7 +97,9 @@ class Scheduler:
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
-                num_new = bm.admit(seq, budget, self._piece)
+                # While others run, admit only what can finish without preempting them:
+                # preemption recomputes a prompt, admission control costs nothing.
+                num_new = bm.admit(seq, budget, self._piece, whole_lifetime=bool(self.running))
                 if num_new == 0:
                     break
                 if num_new is None:

@@ -37,9 +37,25 @@ def test_batched_equals_sequential(arch_case, prefix_caching):
 def test_preemption_keeps_outputs_exact(arch_case):
     model, prompts, refs = arch_case
     # 24 blocks of 4 tokens: too few for all sequences at once, enough for the longest one.
-    engine = make_engine(model, num_blocks=24, block_size=4, max_num_batched_tokens=32)
+    # Without decode reservation, sequences are admitted on their first chunk and preempted
+    # (recomputed later) when the pool runs dry.
+    engine = make_engine(model, num_blocks=24, block_size=4, max_num_batched_tokens=32,
+                         reserve_decode_blocks=False)
     outs = run_all(engine, prompts, GREEDY)
     assert engine.stats()["num_preemptions"] > 0
+    assert [o.token_ids for o in outs] == refs
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_reservation_admits_only_what_can_finish(arch_case):
+    """With decode reservation (the default) a sequence is admitted, while others run, only
+    when its whole lifetime fits: the same short pool finishes with no preemption. (Models
+    whose layers all slide a window release blocks instead of reserving them.)"""
+    model, prompts, refs = arch_case
+    engine = make_engine(model, num_blocks=24, block_size=4, max_num_batched_tokens=32)
+    outs = run_all(engine, prompts, GREEDY)
+    if engine.block_manager.reserve_decode:
+        assert engine.stats()["num_preemptions"] == 0
     assert [o.token_ids for o in outs] == refs
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
