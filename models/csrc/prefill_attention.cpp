@@ -6,8 +6,8 @@
 // (group, KV head, block of query positions); the G query heads of a KV head are computed
 // together so each key tile is loaded once for all of them.
 //
-// Per key tile of 16: the tile's keys transposed into head_dim pairs x 16 keys, scores by
-// vdpbf16ps with the 16 keys in the lanes (4 rows at a time), an online softmax in fp32,
+// Per key tile of 32: the tile's keys transposed into head_dim pairs x 32 keys, scores by
+// vdpbf16ps with the keys in the lanes (4 rows x 2 halves at a time), an online softmax in fp32,
 // probabilities rounded to bf16 (as the flash kernel does for its second matmul), and P V by
 // vdpbf16ps over key pairs, V interleaved in pairs by one permute per 16 outputs. A row's
 // arithmetic depends only on its own keys and the tile grid from the group's first key, never
@@ -72,41 +72,47 @@ void prefill_block(const uint16_t* const* qrows, const int64_t* limit, int R, in
   }
   const __m512i ilo = _mm512_load_si512(idx_lo), ihi = _mm512_load_si512(idx_hi);
   KeyCursor kc{run_start, run_len, num_runs};
-  const uint16_t* rows[16];
-  __m512i vp[8][NO];
-  alignas(64) uint32_t kp[D / 2][16];  // key pairs transposed: kp[p][j] = K[j][2p .. 2p+1]
-  alignas(64) float scores[kMaxRows][16];
-  alignas(64) uint32_t pairs[8];
+  constexpr int T = 32;  // keys per tile: two 16-lane halves
+  const uint16_t* rows[T];
+  __m512i vp[T / 2][NO];
+  alignas(64) uint32_t kp[D / 2][T];  // key pairs transposed: kp[p][j] = K[j][2p .. 2p+1]
+  alignas(64) float scores[kMaxRows][T];
+  alignas(64) uint32_t pairs[T / 2];
   const uint32_t* q32[kMaxRows];
   for (int r = 0; r < R; ++r) q32[r] = reinterpret_cast<const uint32_t*>(qrows[r]);
-  for (int64_t t0 = 0; t0 < span; t0 += 16) {
-    const int n = static_cast<int>(span - t0 < 16 ? span - t0 : 16);
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  for (int64_t t0 = 0; t0 < span; t0 += T) {
+    const int n = static_cast<int>(span - t0 < T ? span - t0 : T);
     kc.next(n, k, D, rows);
-    for (int j = n; j < 16; ++j) rows[j] = rows[0];  // finite stand-ins, weighted 0
-    for (int j = 0; j < 16; ++j) {
+    for (int j = n; j < T; ++j) rows[j] = rows[0];  // finite stand-ins, weighted 0
+    for (int j = 0; j < T; ++j) {
       const uint32_t* kj = reinterpret_cast<const uint32_t*>(rows[j]);
       for (int p = 0; p < D / 2; ++p) kp[p][j] = kj[p];
     }
-    // Scores of 4 rows at a time (8 independent accumulation chains), rows that see no key
-    // of this tile skipped (they are a prefix: limits grow with the row).
+    // Scores of 4 rows at a time (8 independent accumulation chains: 4 rows x 2 halves),
+    // rows that see no key of this tile skipped (a prefix: limits grow with the row).
     int first = 0;
     while (first < R && limit[first] <= t0) ++first;
     for (int r0 = first & ~3; r0 < R; r0 += 4) {
       __m512 a0[4], a1[4];
       for (int i = 0; i < 4; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
       const int nr = R - r0 < 4 ? R - r0 : 4;
-      for (int p = 0; p < D / 2; p += 2) {
+      for (int p = 0; p < D / 2; ++p) {
         const __m512bh k0 = as_bh(_mm512_load_si512(kp[p]));
-        const __m512bh k1 = as_bh(_mm512_load_si512(kp[p + 1]));
+        const __m512bh k1 = as_bh(_mm512_load_si512(kp[p] + 16));
         for (int i = 0; i < 4; ++i) {
           if (i >= nr) break;
-          a0[i] = _mm512_dpbf16_ps(a0[i], as_bh(_mm512_set1_epi32(static_cast<int32_t>(q32[r0 + i][p]))), k0);
-          a1[i] = _mm512_dpbf16_ps(a1[i], as_bh(_mm512_set1_epi32(static_cast<int32_t>(q32[r0 + i][p + 1]))), k1);
+          const __m512bh qb = as_bh(_mm512_set1_epi32(static_cast<int32_t>(q32[r0 + i][p])));
+          a0[i] = _mm512_dpbf16_ps(a0[i], qb, k0);
+          a1[i] = _mm512_dpbf16_ps(a1[i], qb, k1);
         }
       }
-      for (int i = 0; i < nr; ++i) _mm512_store_ps(scores[r0 + i], _mm512_add_ps(a0[i], a1[i]));
+      for (int i = 0; i < nr; ++i) {
+        _mm512_store_ps(scores[r0 + i], a0[i]);
+        _mm512_store_ps(scores[r0 + i] + 16, a1[i]);
+      }
     }
-    for (int jp = 0; jp < 8; ++jp) {
+    for (int jp = 0; jp < T / 2; ++jp) {
       const uint16_t* va = v + (rows[2 * jp] - k);
       const uint16_t* vb = v + (rows[2 * jp + 1] - k);
       for (int z = 0; z < DZ; ++z) {
@@ -115,21 +121,27 @@ void prefill_block(const uint16_t* const* qrows, const int64_t* limit, int R, in
         vp[jp][2 * z + 1] = _mm512_permutex2var_epi16(a, ihi, b);
       }
     }
+    const __m512 sc = _mm512_set1_ps(scale);
     for (int r = first; r < R; ++r) {
       const int64_t visible = limit[r] - t0;  // keys of this tile the row sees
       const int nv = static_cast<int>(visible < n ? visible : n);
-      const __mmask16 valid = static_cast<__mmask16>((1u << nv) - 1u);
-      const __m512 s = _mm512_mul_ps(_mm512_load_ps(scores[r]), _mm512_set1_ps(scale));
-      const float tile_max = _mm512_mask_reduce_max_ps(valid, s);
+      const __mmask16 v0 = static_cast<__mmask16>(nv >= 16 ? 0xffffu : (1u << nv) - 1u);
+      const __mmask16 v1 = static_cast<__mmask16>(nv <= 16 ? 0u : nv >= 32 ? 0xffffu : (1u << (nv - 16)) - 1u);
+      const __m512 s0 = _mm512_mask_mov_ps(neg_inf, v0, _mm512_mul_ps(_mm512_load_ps(scores[r]), sc));
+      const __m512 s1 = _mm512_mask_mov_ps(neg_inf, v1, _mm512_mul_ps(_mm512_load_ps(scores[r] + 16), sc));
+      const float tile_max = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
       const float new_max = tile_max > m[r] ? tile_max : m[r];
       const float correction = l[r] > 0.f ? std::exp(m[r] - new_max) : 0.f;
-      const __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(s, _mm512_set1_ps(new_max))));
-      l[r] = l[r] * correction + _mm512_reduce_add_ps(e);
+      const __m512 mx = _mm512_set1_ps(new_max);
+      const __m512 e0 = _mm512_maskz_mov_ps(v0, exp16(_mm512_sub_ps(s0, mx)));
+      const __m512 e1 = _mm512_maskz_mov_ps(v1, exp16(_mm512_sub_ps(s1, mx)));
+      l[r] = l[r] * correction + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
       m[r] = new_max;
       const __m512 c = _mm512_set1_ps(correction);
       for (int o = 0; o < NO; ++o) acc[r][o] = _mm512_mul_ps(acc[r][o], c);
-      const __m256bh pb = _mm512_cvtneps_pbh(e);
-      std::memcpy(pairs, &pb, sizeof pairs);
+      const __m256bh pb0 = _mm512_cvtneps_pbh(e0), pb1 = _mm512_cvtneps_pbh(e1);
+      std::memcpy(pairs, &pb0, sizeof pb0);
+      std::memcpy(pairs + 8, &pb1, sizeof pb1);
       for (int jp = 0; jp < (nv + 1) / 2; ++jp) {
         const __m512bh b = as_bh(_mm512_set1_epi32(static_cast<int32_t>(pairs[jp])));
         for (int o = 0; o < NO; ++o) acc[r][o] = _mm512_dpbf16_ps(acc[r][o], b, as_bh(vp[jp][o]));
