@@ -78,27 +78,16 @@ class QueryGroup:
 
 @dataclass(slots=True)
 class NativePlan:
-    """The groups of a step under one window that the native kernels compute, as they read
-    them. Decode: row `rows[i]` of the batch attends to the slots `run_start[j] .. +
-    run_len[j]` for j in `run_off[i] .. run_off[i+1]`, in order. Prefill (causal groups):
-    rows `p_row0[g] ..` (`p_nq[g]` of them) are the last of `p_nk[g]` keys in the runs
-    `p_run_off[g] .. p_run_off[g+1]`. `rest` holds every other group, per span."""
+    """The groups of a step under one window that the native kernels compute, as index
+    tables in the kernels' argument order. `decode` = (rows, run_off, run_start, run_len):
+    row `rows[i]` of the batch attends to the slots `run_start[j] .. + run_len[j]` for j in
+    `run_off[i] .. run_off[i+1]`, in order. `prefill` (causal groups) = (row0, nq, nk,
+    run_off, run_start, run_len): rows `row0[g] ..` (`nq[g]` of them) are the last of `nk[g]`
+    keys in the runs of group g. `rest` holds every other group, per span."""
 
-    rows: torch.Tensor
-    run_off: torch.Tensor
-    run_start: torch.Tensor
-    run_len: torch.Tensor
-    p_row0: torch.Tensor
-    p_nq: torch.Tensor
-    p_nk: torch.Tensor
-    p_run_off: torch.Tensor
-    p_run_start: torch.Tensor
-    p_run_len: torch.Tensor
+    decode: tuple[torch.Tensor, ...]
+    prefill: tuple[torch.Tensor, ...]
     rest: list[tuple[SeqSpan, list[QueryGroup]]]
-
-
-def _single(g: QueryGroup) -> bool:
-    return g.q1 - g.q0 == 1 and g.mask is None
 
 
 @dataclass(slots=True)
@@ -142,8 +131,8 @@ class AttentionMetadata:
         cached = self._native.get((window, prefill))
         if cached is not None:
             return cached
-        rows, run_off, starts, lens = [], [0], [], []
-        p_row0, p_nq, p_nk, p_off, p_starts, p_lens = [], [], [], [0], [], []
+        rows, row0, nq, nk = [], [], [], []
+        dec_runs, pre_runs = ([0], [], []), ([0], [], [])  # (run_off, run_start, run_len)
         rest = []
         for i, span in enumerate(self.spans):
             others = []
@@ -151,27 +140,25 @@ class AttentionMetadata:
                 if span.kv_slots is None or g.mask is not None or (g.q1 - g.q0 > 1 and not prefill):
                     others.append(g)
                     continue
-                runs = _select(span.kv_slots, g.k0, g.k1)
                 if g.q1 - g.q0 == 1:
                     rows.append(span.q_start + g.q0)
-                    starts.extend(r.start for r in runs)
-                    lens.extend(r.stop - r.start for r in runs)
-                    run_off.append(len(starts))
+                    off, starts, lens = dec_runs
                 else:
-                    p_row0.append(span.q_start + g.q0)
-                    p_nq.append(g.q1 - g.q0)
-                    p_nk.append(g.k1 - g.k0)
-                    p_starts.extend(r.start for r in runs)
-                    p_lens.extend(r.stop - r.start for r in runs)
-                    p_off.append(len(p_starts))
+                    row0.append(span.q_start + g.q0)
+                    nq.append(g.q1 - g.q0)
+                    nk.append(g.k1 - g.k0)
+                    off, starts, lens = pre_runs
+                for r in _select(span.kv_slots, g.k0, g.k1):
+                    starts.append(r.start)
+                    lens.append(r.stop - r.start)
+                off.append(len(starts))
             if others:
                 rest.append((span, others))
 
-        def tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64)  # read by the CPU kernels
+        def tensors(*lists: list[int]) -> tuple[torch.Tensor, ...]:  # read by the CPU kernels
+            return tuple(torch.tensor(v, dtype=torch.int64) for v in lists)
 
-        cached = NativePlan(*map(tensor, (rows, run_off, starts, lens, p_row0, p_nq, p_nk,
-                                          p_off, p_starts, p_lens)), rest)
+        cached = NativePlan(tensors(rows, *dec_runs), tensors(row0, nq, nk, *pre_runs), rest)
         self._native[(window, prefill)] = cached
         return cached
 
@@ -281,9 +268,11 @@ class Attention(nn.Module):
         if kernel is not None:
             prefill = native.prefill_attention(x.dtype, D, H // Hkv)
             plan = meta.native_plan(self.window, x.device, prefill is not None)
-            self._decode_native(kernel, plan, q, kv_cache, out)
-            if prefill is not None:
-                self._prefill_native(prefill, plan, q, kv_cache, out)
+            if len(plan.decode[0]):
+                self._native_call(kernel, q, kv_cache, out, plan.decode)
+            if len(plan.prefill[0]):
+                done = self._native_call(prefill, q, kv_cache, out, plan.prefill)
+                assert done, "prefill kernel refused a shape it said it supports"
             pending = plan.rest
         else:
             pending = [(span, meta.plan(i, self.window, x.device))
@@ -322,37 +311,18 @@ class Attention(nn.Module):
             return None
         return kernel
 
-    def _decode_native(self, kernel, dec: NativePlan, q: torch.Tensor,
-                       kv_cache: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> None:
-        """Attention of every single-query row in one call, K/V read in place."""
-        if not len(dec.rows):
-            return
+    def _native_call(self, kernel, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                     out: torch.Tensor, tables: tuple[torch.Tensor, ...]):
+        """One native attention call over every group in `tables` (a `NativePlan` table, its
+        first tensor one entry per group), K/V read in place; returns the kernel's result."""
         k_cache, v_cache = kv_cache
         D = self.head_dim
         assert q.stride(2) == 1 and q.stride(1) == D and out.is_contiguous()
         assert k_cache.stride() == v_cache.stride() and k_cache.stride()[1:] == (D, 1)
-        kernel(native.DTYPES[q.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(),
-               v_cache.data_ptr(), k_cache.stride(0), out.data_ptr(), out.stride(0),
-               dec.rows.data_ptr(), dec.run_off.data_ptr(), dec.run_start.data_ptr(),
-               dec.run_len.data_ptr(), len(dec.rows), self.num_heads, self.num_kv_heads, D,
-               D**-0.5)
-
-    def _prefill_native(self, kernel, plan: NativePlan, q: torch.Tensor,
-                        kv_cache: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> None:
-        """Attention of every causal prefill group in one call, K/V read in place."""
-        if not len(plan.p_row0):
-            return
-        k_cache, v_cache = kv_cache
-        D = self.head_dim
-        assert q.stride(2) == 1 and q.stride(1) == D and out.is_contiguous()
-        assert k_cache.stride() == v_cache.stride() and k_cache.stride()[1:] == (D, 1)
-        done = kernel(native.DTYPES[q.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(),
+        return kernel(native.DTYPES[q.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(),
                       v_cache.data_ptr(), k_cache.stride(0), out.data_ptr(), out.stride(0),
-                      plan.p_row0.data_ptr(), plan.p_nq.data_ptr(), plan.p_nk.data_ptr(),
-                      plan.p_run_off.data_ptr(), plan.p_run_start.data_ptr(),
-                      plan.p_run_len.data_ptr(), len(plan.p_row0), self.num_heads,
+                      *(t.data_ptr() for t in tables), len(tables[0]), self.num_heads,
                       self.num_kv_heads, D, D**-0.5)
-        assert done, "prefill kernel refused a shape it said it supports"
 
     def _attend_runs(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      runs: list[slice]) -> torch.Tensor:

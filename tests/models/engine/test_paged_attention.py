@@ -193,12 +193,13 @@ def test_native_decode_matches_torch_path_and_is_batch_invariant(dtype, heads, k
     q = torch.randn(len(spans), H, D, generator=torch.Generator().manual_seed(4)).to(dtype)
     batch = torch.empty_like(q)
     meta = AttentionMetadata(spans, slots, align=512)
-    attn._decode_native(kernel, meta.native_plan(None, q.device, False), q, cache, batch)
+    attn._native_call(kernel, q, cache, batch, meta.native_plan(None, q.device, False).decode)
     for i, span in enumerate(spans):
         alone = AttentionMetadata([SeqSpan(0, 1, span.context_len, 0, span.kv_slots, 1)],
                                   slots[i : i + 1], align=512)
         one = torch.empty_like(q[i : i + 1])
-        attn._decode_native(kernel, alone.native_plan(None, q.device, False), q[i : i + 1], cache, one)
+        attn._native_call(kernel, q[i : i + 1], cache, one,
+                          alone.native_plan(None, q.device, False).decode)
         assert torch.equal(one[0], batch[i]), f"row {i} depends on the batch"
 
 
@@ -256,9 +257,9 @@ def test_native_prefill_matches_torch_path_and_is_batch_invariant(heads, kv_head
     q = torch.randn(len(x), H, D, generator=torch.Generator().manual_seed(6)).bfloat16()
     meta = AttentionMetadata(spans, slots, align)
     plan = meta.native_plan(None, q.device, True)
-    assert len(plan.p_row0) >= 4, "the step should hold several prefill groups"
+    assert len(plan.prefill[0]) >= 4, "the step should hold several prefill groups"
     batch = torch.zeros_like(q)
-    attn._prefill_native(kernel, plan, q, caches[0], batch)
+    assert attn._native_call(kernel, q, caches[0], batch, plan.prefill)
     for span in spans:
         if span.num_new == 1:
             continue
@@ -266,6 +267,6 @@ def test_native_prefill_matches_torch_path_and_is_batch_invariant(heads, kv_head
         rows = slice(span.q_start, span.q_end)
         alone = AttentionMetadata([alone_span], slots[rows], align)
         one = torch.zeros_like(q[rows])
-        attn._prefill_native(kernel, alone.native_plan(None, q.device, True), q[rows], caches[0],
-                             one)
+        assert attn._native_call(kernel, q[rows], caches[0], one,
+                                 alone.native_plan(None, q.device, True).prefill)
         assert torch.equal(one, batch[rows]), f"span at row {span.q_start} depends on the batch"
