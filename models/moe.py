@@ -17,11 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.layers import GatedMLP, Linear, empty_param, linear
+from models.layers import GatedMLP, Linear, empty_param, linear, silu_mul
 
 
 def moe_gate(
@@ -49,7 +48,6 @@ class SparseMoeBlock(nn.Module):
         E, H, I = config.num_local_experts, config.hidden_size, config.moe_intermediate_size
         self.num_experts, self.top_k = E, config.num_experts_per_tok
         self.normalize = config.norm_topk_prob
-        self.intermediate_size = I
         self.gate = Linear(H, E)
         self.w13 = empty_param(E, 2 * I, H)  # per expert: [gate; up], HF [out, in] layout
         self.w2 = empty_param(E, H, I)  # per expert: down
@@ -89,8 +87,8 @@ class SparseMoeBlock(nn.Module):
             if n == 0:
                 continue
             xs = x_sorted[start : start + n]
-            gate, up = linear(xs, self.w13[e], fixed_k=fixed_k).split(self.intermediate_size, dim=-1)
-            out_sorted[start : start + n] = linear(F.silu(gate) * up, self.w2[e], fixed_k=fixed_k)
+            h = silu_mul(linear(xs, self.w13[e], fixed_k=fixed_k))
+            out_sorted[start : start + n] = linear(h, self.w2[e], fixed_k=fixed_k)
             start += n
         out_sorted = out_sorted * weights.reshape(-1)[order].unsqueeze(1).to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token_rows, out_sorted)
