@@ -140,16 +140,21 @@ def test_paged_attention_matches_reference(num_kv_heads, window, consecutive, al
         assert decode_path.rows == 3 + (3 if align else 0)
 
 
+def _llama_layer(heads, kv_heads, dim, dtype, g):
+    """An attention layer of the given head shape, random weights drawn from `g`, in `dtype`."""
+    config = tiny_config("llama", num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=dim, hidden_size=heads * dim)
+    attn = Attention(config, 0)
+    for p in attn.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return config, attn.to(dtype)
+
+
 def _decode_batch(dtype, num_kv_heads=3, heads=9, dim=64, seed=3):
     """A layer and a decode step over sequences of different lengths, some of them in several
     runs of slots, in a cache of `dtype`."""
-    config = tiny_config("llama", num_attention_heads=heads, num_key_value_heads=num_kv_heads,
-                         head_dim=dim, hidden_size=heads * dim)
-    attn = Attention(config, 0)
     g = torch.Generator().manual_seed(seed)
-    for p in attn.parameters():
-        p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    attn.to(dtype)
+    config, attn = _llama_layer(heads, num_kv_heads, dim, dtype, g)
     num_slots = 4096
     k_cache = torch.randn(num_kv_heads, num_slots, dim, generator=g).to(dtype)
     v_cache = torch.randn(num_kv_heads, num_slots, dim, generator=g).to(dtype)
@@ -203,16 +208,11 @@ def test_native_decode_matches_torch_path_and_is_batch_invariant(dtype, heads, k
         assert torch.equal(one[0], batch[i]), f"row {i} depends on the batch"
 
 
-def _prefill_batch(heads, kv_heads, dim, align, seed=5):
+def _prefill_batch(heads, kv_heads, dim, seed=5):
     """A bf16 layer and a step mixing fresh prompts, prompts after cached keys (in two runs of
     slots), and decodes; block size 16, lengths not multiples of it."""
-    config = tiny_config("llama", num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         head_dim=dim, hidden_size=heads * dim)
-    attn = Attention(config, 0)
     g = torch.Generator().manual_seed(seed)
-    for p in attn.parameters():
-        p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    attn.to(torch.bfloat16)
+    config, attn = _llama_layer(heads, kv_heads, dim, torch.bfloat16, g)
     k_cache = torch.randn(kv_heads, 8192, dim, generator=g).bfloat16()
     v_cache = torch.randn(kv_heads, 8192, dim, generator=g).bfloat16()
     # (cached, new, prompt_len); slots: [cached + new] in one run from `start`, or split in two
@@ -243,7 +243,7 @@ def test_native_prefill_matches_torch_path_and_is_batch_invariant(heads, kv_head
     kernel = native.prefill_attention(torch.bfloat16, dim, heads // kv_heads)
     if kernel is None:
         pytest.skip("this CPU or build has no native bf16 prefill kernel (needs AVX-512 BF16)")
-    attn, x, cos, sin, spans, slots, cache = _prefill_batch(heads, kv_heads, dim, align)
+    attn, x, cos, sin, spans, slots, cache = _prefill_batch(heads, kv_heads, dim)
     caches = [tuple(c.clone() for c in cache) for _ in range(2)]
     got = attn(x, cos, sin, AttentionMetadata(spans, slots, align), caches[0])
     with monkeypatch.context() as m:
