@@ -206,31 +206,30 @@ void run(const T* q, int64_t q_row_stride, const T* k, const T* v, int64_t kv_he
          const int64_t* run_start, const int64_t* run_len, int64_t num_rows, int H, int Hkv,
          int D, float scale) {
   const int G = H / Hkv;
-  const int64_t items = num_rows * Hkv;
-#ifdef __AVX512F__
-  if (const ItemFn fast = pick_avx512<T>(G, D)) {
+  // Work items (row, KV head) over the threads; `item` computes one from its pointers.
+  auto for_each_item = [&](auto&& item) {
+    const int64_t items = num_rows * Hkv;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t i = it / Hkv;
       const int h = static_cast<int>(it % Hkv);
       const int64_t row = rows[i];
-      fast(q + row * q_row_stride + h * G * D, k + h * kv_head_stride, v + h * kv_head_stride,
+      item(q + row * q_row_stride + h * G * D, k + h * kv_head_stride, v + h * kv_head_stride,
            out + row * out_row_stride + h * G * D, run_start + run_off[i], run_len + run_off[i],
-           run_off[i + 1] - run_off[i], scale);
+           run_off[i + 1] - run_off[i]);
     }
+  };
+#ifdef __AVX512F__
+  if (const ItemFn fast = pick_avx512<T>(G, D)) {
+    for_each_item([&](const T* qi, const T* kh, const T* vh, T* oi, const int64_t* rs,
+                      const int64_t* rl, int64_t nr) { fast(qi, kh, vh, oi, rs, rl, nr, scale); });
     return;
   }
 #endif
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t i = it / Hkv;
-    const int h = static_cast<int>(it % Hkv);
-    const int64_t row = rows[i];
-    decode_item<T, DT>(q + row * q_row_stride + h * G * D, k + h * kv_head_stride,
-                       v + h * kv_head_stride, out + row * out_row_stride + h * G * D,
-                       run_start + run_off[i], run_len + run_off[i], run_off[i + 1] - run_off[i],
-                       G, D, scale);
-  }
+  for_each_item([&](const T* qi, const T* kh, const T* vh, T* oi, const int64_t* rs,
+                    const int64_t* rl, int64_t nr) {
+    decode_item<T, DT>(qi, kh, vh, oi, rs, rl, nr, G, D, scale);
+  });
 }
 
 template <typename T>
