@@ -133,4 +133,5 @@ def read_dataset(output_dir: Path):
         from pipeline.output import OUTPUT_SCHEMA
 
         return OUTPUT_SCHEMA.empty_table()
-    return pa.concat_tables(pq.read_table(p) for p in parts)
+    # parts written before a column existed read it as nulls
+    return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")

@@ -42,7 +42,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str | None, Any]]] = {
         "limit": (_INT, None, None),
     },
     "output": {"path": (_STR, None, None)},
-    "model": {"name": (_STR, "model", None), "dtype": (_STR, "dtype", None)},
+    "model": {"name": (_STR, "model", None), "dtype": (_STR, "dtype", None),
+              "kv_cache_dtype": (_STR, "kv_cache_dtype", None)},
     "engine": {
         "max_num_seqs": (_INT, "max_num_seqs", None),
         "max_num_batched_tokens": (_INT, "max_num_batched_tokens", None),

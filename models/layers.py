@@ -1,12 +1,15 @@
 """Building blocks shared by every architecture: RMSNorm, rotary embeddings, SwiGLU MLP.
 
-Parameters are created with `torch.empty` (no initialisation cost: loading overwrites them);
-`TransformerLM.init_random_weights` fills them for tests and benchmarks.
+Parameters are created with `torch.empty` (no initialisation cost: loading overwrites them)
+directly in the dtype that `param_dtype` sets (no fp32 copy first: half the peak memory at a
+bf16 load); `TransformerLM.init_random_weights` fills them for tests and benchmarks.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +19,22 @@ from models import native
 from models.config import ModelConfig
 
 
+_param_dtype = torch.float32
+
+
+@contextmanager
+def param_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Parameters made inside are created in `dtype` (see the module docstring)."""
+    global _param_dtype
+    saved, _param_dtype = _param_dtype, dtype
+    try:
+        yield
+    finally:
+        _param_dtype = saved
+
+
 def empty_param(*shape: int) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+    return nn.Parameter(torch.empty(*shape, dtype=_param_dtype), requires_grad=False)
 
 
 class RMSNorm(nn.Module):
@@ -131,21 +148,26 @@ class RotaryEmbedding(nn.Module):
 
     Positions come per token (the batch is a flat list of tokens from many sequences), so the
     cos/sin rows are looked up from a table that grows on demand instead of being sliced.
+
+    `inv_freq` and the table stay fp32 whatever the model's dtype, as in the reference (which
+    rounds only the looked-up cos/sin to the activations' dtype): `inv_freq` is a plain
+    attribute, not a buffer, so `model.to(torch.bfloat16)` cannot round it (a bf16 `inv_freq`
+    puts the angle 3.5 rad off by position 2500). The table follows the positions' device.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         inv_freq, self.attention_scaling = _rope_inv_freq(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.inv_freq = inv_freq  # fp32 [D/2], CPU
         self._cos_sin: torch.Tensor | None = None  # [P, D] cos | [P, D] sin, fp32
 
-    def _table(self, num_positions: int) -> torch.Tensor:
+    def _table(self, num_positions: int, device: torch.device) -> torch.Tensor:
         table = self._cos_sin
-        if table is None or table.shape[1] < num_positions or table.device != self.inv_freq.device:
+        if table is None or table.shape[1] < num_positions or table.device != device:
             size = max(num_positions, 4096)
             size = 1 << (size - 1).bit_length()
-            t = torch.arange(size, device=self.inv_freq.device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq)
+            t = torch.arange(size, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
             emb = torch.cat((freqs, freqs), dim=-1)
             table = torch.stack((emb.cos(), emb.sin())) * self.attention_scaling
             self._cos_sin = table
@@ -153,7 +175,7 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [N, 1, D] for positions [N]."""
-        table = self._table(int(positions.max()) + 1 if positions.numel() else 1)
+        table = self._table(int(positions.max()) + 1 if positions.numel() else 1, positions.device)
         cos_sin = table[:, positions].to(dtype)
         return cos_sin[0].unsqueeze(1), cos_sin[1].unsqueeze(1)
 

@@ -27,7 +27,8 @@ class LLM:
     def __init__(
         self,
         model: str | LoadedModel,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
+        kv_cache_dtype: str = "auto",
         device: str | None = None,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
@@ -37,7 +38,9 @@ class LLM:
         max_model_len: int | None = None,
         **engine_options,
     ) -> None:
-        """`engine_options`: further `EngineConfig` fields (batch_invariant, ...)."""
+        """`dtype`: "auto" (bf16 where the device computes it natively, else fp32; see
+        models.dtypes) or a name; `kv_cache_dtype`: "auto" (the compute dtype) or a name.
+        `engine_options`: further `EngineConfig` fields (batch_invariant, ...)."""
         self.loaded = model if isinstance(model, LoadedModel) else load_model(
             model, dtype=dtype, device=device or default_device()
         )
@@ -49,6 +52,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             max_model_len=max_model_len,
+            kv_cache_dtype=kv_cache_dtype,
             **engine_options,
         )
         self.engine = LLMEngine(self.loaded.model, self.tokenizer, config)

@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 from models.config import ModelConfig
+from models.dtypes import resolve_dtype
 from models.errors import ModelLoadError
+from models.layers import param_dtype
 from models.registry import EMBEDDED_MODELS, resolve_model_path
 from models.transformer import TransformerLM
 
@@ -195,27 +197,19 @@ def weights_hash(files: list[Path]) -> str:
     return _hash_files(paths, stamps)
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"dtype={dtype!r} is not supported; use float32, bfloat16 or float16")
-    return table[dtype]
-
-
 def build_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> TransformerLM:
-    with torch.device(device):
+    """An empty model whose parameters are created on `device` in `dtype` (no cast after)."""
+    with torch.device(device), param_dtype(dtype):
         model = TransformerLM(config)
-    return model.to(dtype=dtype).eval()
+    return model.eval()
 
 
 def load_model(
-    name_or_path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu"
+    name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu"
 ) -> LoadedModel:
-    """Load a checkpoint and its tokenizer: an embedded name, a `.gguf` file or an HF directory."""
-    torch_dtype = resolve_dtype(dtype)
+    """Load a checkpoint and its tokenizer: an embedded name, a `.gguf` file or an HF directory.
+    `dtype`: a name or "auto" (see models.dtypes), resolved for `device`."""
+    torch_dtype = resolve_dtype(dtype, device)
     path = resolve_model_path(name_or_path)
     model_id = str(name_or_path) if str(name_or_path) in EMBEDDED_MODELS else str(path)
     if path.is_file() and path.suffix == ".gguf":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import DEFAULT_MODEL, STRATEGIES, RunConfig
+from pipeline.config import DEFAULT_MODEL, DTYPE_CHOICES, KV_CHOICES, STRATEGIES, RunConfig
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
@@ -67,6 +67,9 @@ def print_closing_table(stats, replica_stats: list[dict]) -> None:
         ("generated tokens", f"{stats.generated_tokens:,} ({rate:,.1f} tok/s)"),
         ("wall time", f"{stats.wall_s:.1f} s"),
     ]
+    if replica_stats and replica_stats[0].get("dtype"):
+        r = replica_stats[0]
+        rows.append(("dtype", f"{r['dtype']} (KV cache {r['kv_cache_dtype']})"))
     for r in replica_stats:
         rows.append((
             f"replica {r.get('replica', 0)}",
@@ -102,7 +105,10 @@ def run_options(f):
         click.option("--address", default=None, help="Ray cluster address to join (default: local Ray)."),
         click.option("--no-ray", is_flag=True, help="Run the model in this process instead of Ray actors."),
         click.option("--max-inflight-docs", type=int, default=16, show_default=True, help="Documents in flight at once."),
-        click.option("--dtype", type=click.Choice(["bfloat16", "float32", "float16"]), default="bfloat16", show_default=True),
+        click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
+                     help="Compute dtype; auto: bf16 where the CPU/GPU computes it natively (AVX-512 BF16, AMX, CUDA), else float32."),
+        click.option("--kv-cache-dtype", type=click.Choice(KV_CHOICES), default="auto", show_default=True,
+                     help="KV cache dtype; auto: the compute dtype. bfloat16 under float32 halves KV memory."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -118,6 +124,7 @@ def config_from_options(**kw) -> RunConfig:
             reduce_task=kw["reduce_task"], workers=kw["workers"], num_gpus=kw["num_gpus"],
             address=kw["address"], use_ray=not kw["no_ray"],
             max_inflight_docs=kw["max_inflight_docs"], dtype=kw["dtype"],
+            kv_cache_dtype=kw["kv_cache_dtype"],
         )
     except ValueError as exc:
         raise _fail(exc) from None
@@ -196,7 +203,8 @@ def chunk(path, chunk_tokens, overlap, encoding):
 @click.option("--prompt", required=True, help="User message (the chat template is applied).")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--raw", is_flag=True, help="Continue the prompt as plain text, without the chat template.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float32", "float16"]), default="bfloat16", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
+              help="auto: bf16 where the device computes it natively, else float32.")
 def generate(model, prompt, max_tokens, raw, dtype):
     """Print a greedy continuation of PROMPT."""
     from models import LLM, ModelLoadError, SamplingParams

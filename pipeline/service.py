@@ -29,13 +29,15 @@ def engine_spec(config: RunConfig) -> EngineSpec:
     engine = dict(max_num_seqs=config.max_num_seqs,
                   max_num_batched_tokens=config.max_num_batched_tokens,
                   batch_invariant=config.batch_invariant, prefill_align_tokens=PREFILL_ALIGN)
+    # Replicas get the resolved names, so every one computes what the fingerprint says.
+    dtype, engine["kv_cache_dtype"] = config.resolved_dtypes()
     if config.kv_cache_memory_bytes:
         engine["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
-    device = "cuda" if config.num_gpus > 0 else "cpu"
+    device = config.device
     threads = None
     if device == "cpu":
         threads = max(1, (os.cpu_count() or 1) // config.workers)
-    return EngineSpec(model=config.model, dtype=config.dtype, device=device,
+    return EngineSpec(model=config.model, dtype=dtype, device=device,
                       num_threads=threads, engine=engine)
 
 

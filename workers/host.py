@@ -23,7 +23,7 @@ class EngineSpec:
     """Everything a replica needs to build its engine (plain, picklable data)."""
 
     model: str
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # models.dtypes: resolved on the replica's device
     device: str | None = None  # None: cuda when visible, else cpu
     num_threads: int | None = None  # torch intra-op threads on CPU
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from models.dtypes import KV_CHOICES, dtype_name, resolve_kv_cache_dtype
 from models.engine.block_manager import BlockManager
 from models.engine.runner import ModelRunner, kv_bytes_per_token
 from models.engine.sampling import Sampler, SamplingParams, find_stop_string
@@ -42,6 +43,9 @@ class EngineConfig:
     # multiples of it; see models.attention. False: pieces cut anywhere, hits per block.
     batch_invariant: bool = False
     prefill_align_tokens: int = 512
+    # "auto" (the compute dtype), "float32" or "bfloat16" (with fp32 compute: half the KV
+    # bytes); see models.dtypes.resolve_kv_cache_dtype.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -53,6 +57,9 @@ class EngineConfig:
             )
         if self.prefill_align_tokens <= 0:
             raise ValueError(f"prefill_align_tokens={self.prefill_align_tokens} must be positive")
+        if self.kv_cache_dtype not in KV_CHOICES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use one of "
+                             f"{', '.join(KV_CHOICES)}")
 
     @property
     def align(self) -> int | None:
@@ -92,20 +99,21 @@ class LLMEngine:
         self.max_model_len = self.config.max_model_len or mc.max_position_embeddings
         budget = self.config.kv_cache_memory_bytes or default_kv_cache_bytes(model.device)
         bs = self.config.block_size
-        num_blocks = max(1, budget // (kv_bytes_per_token(model) * bs))
+        self.kv_dtype = resolve_kv_cache_dtype(self.config.kv_cache_dtype, model.dtype, model.device)
+        num_blocks = max(1, budget // (kv_bytes_per_token(model, self.kv_dtype) * bs))
         windows = mc.layer_windows
         # Blocks can be dropped only when every layer is windowed (one block table for all).
         release_window = max(windows) if all(w is not None for w in windows) else None
         self.block_manager = BlockManager(
             num_blocks, bs, self.config.enable_prefix_caching,
-            extra_key=f"{mc.name}|{mc.model_type}|{mc.vocab_size}|{model.dtype}",
+            extra_key=f"{mc.name}|{mc.model_type}|{mc.vocab_size}|{model.dtype}|{self.kv_dtype}",
             release_window=release_window,
             reserve_decode=self.config.reserve_decode_blocks,
             hit_align=self.config.align,
         )
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
                                    self.config.max_num_batched_tokens, self.config.align)
-        self.runner = ModelRunner(model, num_blocks, bs, self.config.align)
+        self.runner = ModelRunner(model, num_blocks, bs, self.config.align, self.kv_dtype)
         self.sampler = Sampler()
         if eos_token_ids is None:
             eos_token_ids = getattr(tokenizer, "stop_token_ids", None) or mc.eos_token_ids
@@ -268,6 +276,9 @@ class LLMEngine:
             prefix_cache_hits=bm.num_hits,
             prefix_cache_hit_rate=bm.hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
+            dtype=dtype_name(self.model.dtype),
+            kv_cache_dtype=dtype_name(self.kv_dtype),
+            kv_bytes_per_token=kv_bytes_per_token(self.model, self.kv_dtype),
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             prefill_tok_per_s=s.num_prefill_tokens / s.prefill_time_s if s.prefill_time_s else 0.0,

@@ -20,15 +20,16 @@ from models.transformer import TransformerLM
 logger = logging.getLogger(__name__)
 
 
-def kv_bytes_per_token(model: TransformerLM) -> int:
+def kv_bytes_per_token(model: TransformerLM, kv_dtype: torch.dtype | None = None) -> int:
+    """K and V bytes of one token over all layers, in `kv_dtype` (default: the model's)."""
     c = model.config
-    elem = torch.finfo(model.dtype).bits // 8
+    elem = torch.finfo(kv_dtype or model.dtype).bits // 8
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elem
 
 
 class ModelRunner:
     def __init__(self, model: TransformerLM, num_blocks: int, block_size: int,
-                 align: int | None = None) -> None:
+                 align: int | None = None, kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.align = align  # batch-invariant query groups (see models.attention)
@@ -38,12 +39,12 @@ class ModelRunner:
         shape = (c.num_hidden_layers, 2, c.num_key_value_heads, num_slots, c.head_dim)
         # Not zeroed: a slot is always written before it is read, and untouched pages of a
         # large CPU allocation cost no memory.
-        self.kv_cache = torch.empty(shape, dtype=model.dtype, device=model.device)
+        self.kv_cache = torch.empty(shape, dtype=kv_dtype or model.dtype, device=model.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(shape[0])]
         self.is_moe = c.is_moe
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB",
-            num_blocks, block_size, num_slots, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20,
+            "KV cache: %d blocks x %d tokens = %d tokens, %s, %.1f MiB",
+            num_blocks, block_size, num_slots, self.kv_cache.dtype, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20,
         )
 
     def _kv_runs(self, table: list[int], first_block: int, num_tokens: int) -> list[slice]:

@@ -1,0 +1,146 @@
+"""dtype="auto" and kv_cache_dtype: what they resolve to on which CPU, and where the resolved
+names end up (engine stats, output rows, fingerprints). Tiny random models only."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from models import LLM, SamplingParams, cpu, dtypes, tiny_config
+from models.layers import RotaryEmbedding
+from models.loading import build_model
+
+
+@pytest.fixture
+def isa(monkeypatch):
+    """Set DOCPIPE_CPU_ISA for one test (cpu_info is cached: cleared before and after)."""
+
+    def set_level(level: str) -> cpu.CpuInfo:
+        monkeypatch.setenv("DOCPIPE_CPU_ISA", level)
+        cpu.cpu_info.cache_clear()
+        return cpu.cpu_info()
+
+    yield set_level
+    monkeypatch.delenv("DOCPIPE_CPU_ISA", raising=False)
+    cpu.cpu_info.cache_clear()
+
+
+def test_auto_is_fp32_on_avx2_and_follows_the_cpu_natively(isa):
+    if not cpu.cpu_info().is_x86 or cpu.cpu_info().detected_level in ("baseline",):
+        pytest.skip("needs an x86-64 CPU with AVX2")
+    native = isa("native")
+    want = torch.bfloat16 if native.detected_level == "avx512_bf16" else torch.float32
+    assert dtypes.resolve_dtype("auto", "cpu") == want
+    info = isa("avx2")
+    assert info.forced == (info.detected_level != "avx2") and info.march in ("x86-64-v3", "native")
+    assert not info.has_native_bf16
+    assert dtypes.resolve_dtype("auto", "cpu") == torch.float32
+
+
+def test_isa_can_only_be_lowered(isa):
+    if cpu.cpu_info().detected_level == "avx512_bf16":
+        pytest.skip("nothing above this CPU's level to ask for")
+    with pytest.raises(ValueError, match="DOCPIPE_CPU_ISA='avx512_bf16'.*supports only up to"):
+        isa("avx512_bf16")
+
+
+def test_invalid_isa_names_the_variable(isa):
+    with pytest.raises(ValueError, match="DOCPIPE_CPU_ISA='sse9'"):
+        isa("sse9")
+
+
+def test_explicit_bf16_without_native_bf16_warns_with_the_fix(isa, caplog):
+    if not cpu.cpu_info().is_x86 or cpu.cpu_info().detected_level == "baseline":
+        pytest.skip("needs an x86-64 CPU with AVX2")
+    isa("avx2")
+    dtypes._warn_slow_bf16.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="models.dtypes"):
+        assert dtypes.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert "without native bf16" in caplog.text and "--dtype auto" in caplog.text
+    assert "GFLOP/s" in caplog.text  # the measured slowdown
+
+
+def test_explicit_dtype_wins_over_auto(isa):
+    isa("native")
+    assert dtypes.resolve_dtype("float32", "cpu") == torch.float32
+    assert dtypes.resolve_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        dtypes.resolve_dtype("int8", "cpu")
+
+
+def test_cuda_auto_without_a_visible_gpu_plans_bf16():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: auto asks it")
+    assert dtypes.resolve_dtype("auto", "cuda") == torch.bfloat16
+
+
+def test_kv_cache_dtype_rules():
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert dtypes.resolve_kv_cache_dtype("auto", f32) == f32
+    assert dtypes.resolve_kv_cache_dtype("auto", bf16) == bf16
+    assert dtypes.resolve_kv_cache_dtype("bfloat16", f32) == bf16
+    with pytest.raises(ValueError, match="kv_cache_dtype=float32 with dtype=bfloat16"):
+        dtypes.resolve_kv_cache_dtype("float32", bf16)
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8'"):
+        dtypes.resolve_kv_cache_dtype("fp8", f32)
+
+
+def test_pipeline_choices_equal_the_models_ones():
+    from pipeline import config
+
+    assert config.DTYPE_CHOICES == dtypes.CHOICES
+    assert config.KV_CHOICES == dtypes.KV_CHOICES
+
+
+def test_parameters_are_built_in_the_target_dtype_and_rope_stays_fp32():
+    config = tiny_config()
+    model = build_model(config, torch.bfloat16, "cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.rotary.inv_freq.dtype == torch.float32
+    # a cast afterwards (as tests and users do) must not round the RoPE frequencies either
+    want = RotaryEmbedding(config).inv_freq.clone()
+    model.to(torch.bfloat16)
+    assert torch.equal(model.rotary.inv_freq, want)
+    cos, _ = model.rotary.cos_sin(torch.tensor([2500]), torch.float32)
+    angle = 2500 * want
+    assert torch.allclose(cos[0, 0, : angle.numel()], angle.cos(), atol=1e-4)
+
+
+def test_kv_cache_dtype_reaches_the_cache_and_the_stats():
+    model = build_model(tiny_config(), torch.float32, "cpu").init_random_weights(seed=0)
+    llm = LLM(model_loaded(model), kv_cache_dtype="bfloat16", kv_cache_memory_bytes=1 << 20)
+    assert llm.engine.runner.kv_cache.dtype == torch.bfloat16
+    stats = llm.stats()
+    assert (stats["dtype"], stats["kv_cache_dtype"]) == ("float32", "bfloat16")
+    same = LLM(model_loaded(model), kv_cache_memory_bytes=1 << 20)
+    assert stats["kv_bytes_per_token"] * 2 == same.stats()["kv_bytes_per_token"]
+    assert llm.engine.block_manager.num_blocks == 2 * same.engine.block_manager.num_blocks
+    # prefill and decode through the bf16 cache give the fp32 cache's greedy tokens here
+    # (K/V rounded to bf16 move these logits far less than their top-2 gaps)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [[1, 2, 3, 4, 5] * 7, [9, 8, 7]]
+    got = [o.token_ids for o in llm.generate(prompts, params)]
+    assert got == [o.token_ids for o in same.generate(prompts, params)]
+
+
+def model_loaded(model):
+    from models.loading import LoadedModel
+
+    return LoadedModel(model, None, model.config, "tiny", "0" * 64)
+
+
+def test_run_config_records_resolved_dtypes(isa):
+    from pipeline.config import RunConfig
+
+    isa("native")
+    auto = RunConfig()
+    want = dtypes.dtype_name(dtypes.resolve_dtype("auto", "cpu"))
+    assert auto.resolved_dtypes() == (want, want)
+    explicit = RunConfig(dtype=want)
+    assert auto.fingerprint("w", "p") == explicit.fingerprint("w", "p")
+    assert RunConfig(dtype="float32", kv_cache_dtype="bfloat16").fingerprint("w", "p") != (
+        RunConfig(dtype="float32").fingerprint("w", "p"))
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8'"):
+        RunConfig(kv_cache_dtype="fp8")
