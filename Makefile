@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Ray binds to the machine's interface address; a private network namespace keeps it on loopback.
 NETNS := scripts/netns
 
-.PHONY: demo test test-fast bench lint clean install
+.PHONY: demo test test-fast bench bench-deps lint clean install
 
 install: $(STAMP)
 
@@ -28,7 +28,13 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(NETNS) $(BIN)/python benchmarks/forward.py
-	$(NETNS) $(BIN)/python benchmarks/engine.py
+	$(NETNS) $(BIN)/python benchmarks/engine.py --workload w100k
+	$(NETNS) $(BIN)/python benchmarks/engine.py --workload short16
+
+# llama.cpp, the benchmarks' second reference (engine.py skips it when absent). pip builds
+# llama-cpp-python from source for this CPU: about 8 minutes on 2 cores.
+bench-deps: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install llama-cpp-python==0.3.36
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
