@@ -2,9 +2,16 @@
 
     output_dir/
       part-00001.parquet ...   the dataset: one row per document, across parts
-      ledger.jsonl             one line per run (also in the state DB)
+      _ledger.jsonl            one line per run (also in the state DB)
       _state.sqlite            stored request results, document index, ledger
       .lock                    held while a run is in progress
+      .part-00002.parquet.inprogress[.tmp-<pid>]   the running run's rows
+
+Names starting with `_` or `.` are skipped by dataset readers (pyarrow, Spark), and only the
+parts end in `.parquet` (DuckDB's `read_parquet('output_dir/*.parquet')`), so the directory
+reads as exactly one row per document. Temporary files a killed run left (`*.tmp-<pid>`
+whose process is gone, in-progress parts no publish will finish) are removed at the next
+start.
 
 A run skips documents whose (id, content hash, config fingerprint) already has an `ok` row,
 redoes changed documents and earlier error rows, serves every request already answered in an
@@ -24,6 +31,7 @@ from pathlib import Path
 
 from jobs.spec import JobSpec
 from jobs.state import JobState
+from pipeline.output import remove_stale_tmp_files
 from pipeline.prompts import PROMPT_VERSION
 from pipeline.service import describe, open_pool, run_documents
 from pipeline.stores import Document, open_store
@@ -74,9 +82,14 @@ def run_job(spec: JobSpec, *, engine=None, pool=None,
         state = JobState(out)
         try:
             state.recover()
-            info = describe(spec.run)
-            fingerprint = spec.run.fingerprint(info.weights_hash, PROMPT_VERSION)
+            _remove_leftovers(out)
             run_id = state.begin_run()
+            try:
+                info = describe(spec.run)
+            except BaseException as exc:
+                state.end_run(run_id, "failed", note=_error_note(exc))
+                raise
+            fingerprint = spec.run.fingerprint(info.weights_hash, PROMPT_VERSION)
             skipped = 0
 
             def todo() -> Iterator[Document]:
@@ -90,7 +103,7 @@ def run_job(spec: JobSpec, *, engine=None, pool=None,
                     yield doc
 
             part = out / f"part-{run_id:05d}.parquet"
-            tmp = out / f".part-{run_id:05d}.inprogress.parquet"
+            tmp = out / f".part-{run_id:05d}.parquet.inprogress"
             try:
                 if pool is None and engine is not None:
                     with open_pool(spec.run, engine=engine) as p:
@@ -101,8 +114,8 @@ def run_job(spec: JobSpec, *, engine=None, pool=None,
                     stats, replicas = run_documents(spec.run, todo(), tmp, pool=pool,
                                                     on_progress=on_progress,
                                                     cached=state.cached, on_result=state.store_result)
-            except BaseException:
-                state.end_run(run_id, "failed", num_skipped=skipped)
+            except BaseException as exc:
+                state.end_run(run_id, "failed", num_skipped=skipped, note=_error_note(exc))
                 raise
             retries = max((r.get("num_retried_requests", 0) for r in replicas), default=0)
             published = None
@@ -121,6 +134,21 @@ def run_job(spec: JobSpec, *, engine=None, pool=None,
                                  stats.num_cached_requests, stats.num_requests, published, stats.wall_s)
         finally:
             state.close()
+
+
+def _error_note(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def _remove_leftovers(output_dir: Path) -> None:
+    """Called with the lock held and after `recover()`: no run is writing here, and every
+    publish a killed run began is finished, so remaining in-progress parts are orphans."""
+    remove_stale_tmp_files(output_dir)
+    # (the second pattern: the in-progress name before 0.2)
+    for pattern in (".part-*.parquet.inprogress", ".part-*.inprogress.parquet"):
+        for path in output_dir.glob(pattern):
+            logger.info("removing %s, left by a killed run", path)
+            path.unlink(missing_ok=True)
 
 
 def read_dataset(output_dir: Path):

@@ -8,6 +8,11 @@ Policy:
   start-up / after the long run if at least one tick was missed, then follows the schedule.
   The last tick handled is kept in the job's state DB, so a restarted scheduler knows what it
   missed.
+- A run that fails (a bad store, a model error, a crash in docpipe) is recorded in the
+  ledger with status `failed` and the error, logged, and the scheduler goes on to the next
+  tick; `--once` re-raises it.
+- The cron expression is evaluated in the job's `timezone` (default UTC), so "0 2 * * *"
+  with timezone = "Europe/Paris" runs at 02:00 Paris time across DST changes.
 - `--once` runs the job now (no waiting) and exits: for cron and CI.
 """
 
@@ -16,7 +21,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 from jobs.runner import JobLocked, JobRunSummary, run_job
 from jobs.spec import JobSpec
@@ -25,21 +31,23 @@ from jobs.state import JobState
 logger = logging.getLogger(__name__)
 
 
-def next_tick(cron: str, after: float) -> float:
+def next_tick(cron: str, after: float, timezone: str = "UTC") -> float:
+    """The first tick after `after` (a Unix time), the cron read as wall-clock time in
+    `timezone`."""
     from croniter import croniter
 
-    base = datetime.fromtimestamp(after, tz=UTC)
+    base = datetime.fromtimestamp(after, tz=ZoneInfo(timezone))
     return croniter(cron, base).get_next(float)
 
 
-def missed_ticks(cron: str, last: float | None, now: float) -> int:
+def missed_ticks(cron: str, last: float | None, now: float, timezone: str = "UTC") -> int:
     """How many ticks fell in (last, now]; 0 when there is no record."""
     if last is None:
         return 0
-    count, t = 0, next_tick(cron, last)
+    count, t = 0, next_tick(cron, last, timezone)
     while t <= now and count < 1000:
         count += 1
-        t = next_tick(cron, t)
+        t = next_tick(cron, t, timezone)
     return count
 
 
@@ -52,9 +60,10 @@ def run_schedule(
     sleep: Callable[[float], None] = time.sleep,
     run: Callable[[JobSpec], JobRunSummary] = run_job,
 ) -> list[JobRunSummary | None]:
-    """Run `spec` on its schedule. Returns one entry per tick handled (None: skipped, locked)."""
+    """Run `spec` on its schedule. Returns one entry per tick handled (None: skipped because
+    the job was locked, or the run failed; a failure is in the ledger)."""
     if once:
-        return [_run_locked(spec, run)]
+        return [_run_locked(spec, run, reraise=True)]
     if not spec.cron:
         raise ValueError(f"{spec.source}: no [schedule] cron; add one or use --once")
     spec.output_dir.mkdir(parents=True, exist_ok=True)
@@ -71,19 +80,19 @@ def run_schedule(
     last = state.last_tick(spec.name)
     state.close()
     now = clock()
-    if last is not None and spec.missed == "run-once" and missed_ticks(spec.cron, last, now):
+    if last is not None and spec.missed == "run-once" and missed_ticks(spec.cron, last, now, spec.timezone):
         logger.info("%s: catching up on ticks missed since %s", spec.name, last)
         results.append(_run_locked(spec, run))
         record(now)
     elif last is None:
         record(now)  # first start: nothing is "missed" before the scheduler existed
     while max_runs is None or len(results) < max_runs:
-        target = next_tick(spec.cron, clock())
+        target = next_tick(spec.cron, clock(), spec.timezone)
         while (delay := target - clock()) > 0:
             sleep(min(delay, 60.0))
         results.append(_run_locked(spec, run))
         finished = clock()
-        n_missed = missed_ticks(spec.cron, target, finished)
+        n_missed = missed_ticks(spec.cron, target, finished, spec.timezone)
         if n_missed:
             logger.warning("%s: the run outlasted %d tick(s); policy %s", spec.name, n_missed, spec.missed)
             if spec.missed == "run-once" and (max_runs is None or len(results) < max_runs):
@@ -92,9 +101,30 @@ def run_schedule(
     return results
 
 
-def _run_locked(spec: JobSpec, run: Callable[[JobSpec], JobRunSummary]) -> JobRunSummary | None:
+def _run_locked(spec: JobSpec, run: Callable[[JobSpec], JobRunSummary], *,
+                reraise: bool = False) -> JobRunSummary | None:
+    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    state = JobState(spec.output_dir)
+    try:
+        last_run_id = state.last_run_id()
+    finally:
+        state.close()
     try:
         return run(spec)
     except JobLocked as exc:
         logger.warning("skipping this tick: %s", exc)
+        return None
+    except Exception as exc:
+        note = f"{type(exc).__name__}: {exc}"
+        state = JobState(spec.output_dir)
+        try:
+            # run_job records its own failures; this covers the rest (a crash before its
+            # ledger entry, or a `run` that does not keep one).
+            state.record_failure(after_run_id=last_run_id, note=note)
+        finally:
+            state.close()
+        if reraise:
+            raise
+        logger.error("%s: the run failed (%s); recorded in the ledger, waiting for the next "
+                     "tick", spec.name, note, exc_info=True)
         return None

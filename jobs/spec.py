@@ -14,6 +14,7 @@ and the fix. Example (examples/jobs/sotu.toml):
     name = "map-reduce"
     [schedule]
     cron = "0 2 * * *"
+    timezone = "Europe/Paris"       # the cron's wall clock; default "UTC"
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str | None, Any]]] = {
         "use_ray": (_BOOL, "use_ray", None),
         "max_inflight_docs": (_INT, "max_inflight_docs", None),
     },
-    "schedule": {"cron": (_STR, None, None), "missed": (_STR, None, "skip")},
+    "schedule": {"cron": (_STR, None, None), "missed": (_STR, None, "skip"),
+                 "timezone": (_STR, None, "UTC")},
 }
 REQUIRED = [("input", "path"), ("output", "path")]
 MISSED_POLICIES = ("skip", "run-once")
@@ -91,6 +93,7 @@ class JobSpec:
     limit: int | None = None
     cron: str | None = None
     missed: str = "skip"  # what to do with ticks missed while nothing ran
+    timezone: str = "UTC"  # the cron's wall clock (an IANA zone name)
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -168,6 +171,8 @@ def parse_job(raw: dict[str, Any], path: Path) -> JobSpec:
         if not croniter.is_valid(cron):
             raise JobSpecError(f"{path}: schedule.cron = {cron!r} is not a valid cron expression "
                                "(five fields: minute hour day month weekday)")
+    timezone = get("schedule", "timezone")
+    _check_timezone(path, timezone)
     limit = get("input", "limit")
     if limit is not None and limit < 1:
         raise JobSpecError(f"{path}: input.limit = {limit}; must be at least 1")
@@ -183,5 +188,18 @@ def parse_job(raw: dict[str, Any], path: Path) -> JobSpec:
         limit=limit,
         cron=cron,
         missed=missed,
+        timezone=timezone,
         raw=raw,
     )
+
+
+def _check_timezone(path: Path, name: str) -> None:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise JobSpecError(
+            f"{path}: schedule.timezone = {name!r} is not a known time zone; use an IANA name "
+            f"such as \"UTC\", \"Europe/Paris\" or \"America/New_York\" (leave it out for UTC)"
+        ) from None

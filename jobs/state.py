@@ -6,13 +6,19 @@ One SQLite database per output directory (`_state.sqlite`, WAL mode). What it ho
   (doc id, content hash, config fingerprint, stage, index). Written as each result arrives,
   so a killed run loses at most the requests in flight; a rerun serves the rest from here.
 - `docs`: per document id, the content hash, fingerprint, status and the Parquet part that
-  holds its current row. A document is skipped when its (id, hash, fingerprint) has an `ok`
+  holds its current row, by file name relative to the output directory (so a moved or copied
+  directory keeps working and a copy never touches the original's files; absolute paths
+  written by older versions are read by their file name). A document is skipped when its (id, hash, fingerprint) has an `ok`
   row; changed documents and error rows are redone.
 - `runs`: the ledger (run id, start, end, documents done/skipped/failed, retries, status).
 - `publish`: a part being published. Publishing is: write the run's rows to a temporary
   file; record the intent; rewrite older parts without the rows the run superseded; rename
   the temporary file into place; update `docs`. A crash at any point is finished by
   `recover()` on the next start, so the dataset never holds a document twice.
+
+Every file a dataset reader must not see starts with `_` or `.` (`_state.sqlite`,
+`_ledger.jsonl`, `.part-*.inprogress.parquet`, rewrites in progress), so pyarrow, DuckDB or
+Spark open the output directory as a dataset of exactly one row per document.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from workers.host import WorkResult
+
+LEDGER_NAME = "_ledger.jsonl"
+OLD_LEDGER_NAME = "ledger.jsonl"  # before 0.2: readers of the directory as a dataset choked on it
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (request_id TEXT PRIMARY KEY, payload TEXT NOT NULL);
@@ -47,6 +56,20 @@ class JobState:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # durable across process kills
         self.db.executescript(SCHEMA)
+        self._migrate_ledger()
+
+    def _migrate_ledger(self) -> None:
+        old, new = self.dir / OLD_LEDGER_NAME, self.dir / LEDGER_NAME
+        if old.exists():
+            # The DB is the ledger's source of truth; the file is its export under a new name.
+            if new.exists():
+                old.unlink()
+            else:
+                os.replace(old, new)
+
+    def path_of(self, stored: str) -> Path:
+        """A part as stored in the DB -> its path in this output directory."""
+        return self.dir / Path(stored).name
 
     def close(self) -> None:
         self.db.close()
@@ -82,6 +105,23 @@ class JobState:
                         (time.time(), status, *counts.values(), run_id))
         self.export_ledger()
 
+    def last_run_id(self) -> int:
+        return self.db.execute("SELECT COALESCE(MAX(run_id), 0) FROM runs").fetchone()[0]
+
+    def record_failure(self, *, after_run_id: int, note: str) -> int:
+        """Make sure the ledger shows a failed run after `after_run_id`, with `note`: the
+        run's own entry when it made one (kept if it already says failed), else a new one."""
+        row = self.db.execute("SELECT run_id, status, note FROM runs WHERE run_id > ? "
+                              "ORDER BY run_id DESC LIMIT 1", (after_run_id,)).fetchone()
+        if row is None:
+            run_id = self.begin_run()
+        elif row[1] == "failed" and row[2]:
+            return row[0]
+        else:
+            run_id = row[0]
+        self.end_run(run_id, "failed", note=note[:2000])
+        return run_id
+
     def mark_interrupted_runs(self) -> None:
         """Runs still 'running' at start-up were killed."""
         self.db.execute("UPDATE runs SET status='killed' WHERE status='running'")
@@ -92,22 +132,28 @@ class JobState:
         return [dict(zip(cols, r)) for r in cur.fetchall()]
 
     def export_ledger(self) -> None:
-        tmp = self.dir / "ledger.jsonl.tmp"
+        tmp = self.dir / f"{LEDGER_NAME}.tmp-{os.getpid()}"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.ledger()))
-        os.replace(tmp, self.dir / "ledger.jsonl")
+        os.replace(tmp, self.dir / LEDGER_NAME)
 
     # -- publishing parts -------------------------------------------------------------------
     def publish(self, run_id: int, tmp: Path, part: Path, fingerprint: str) -> None:
+        assert tmp.parent == part.parent == self.dir, "parts live in the output directory"
         self.db.execute("INSERT OR REPLACE INTO publish VALUES (?, ?, ?, ?)",
-                        (run_id, str(tmp), str(part), fingerprint))
+                        (run_id, tmp.name, part.name, fingerprint))
         self._finish_publish(run_id, tmp, part, fingerprint)
 
     def recover(self) -> None:
         self.mark_interrupted_runs()
         for run_id, tmp, part, fingerprint in self.db.execute("SELECT * FROM publish").fetchall():
-            self._finish_publish(run_id, Path(tmp), Path(part), fingerprint)
+            self._finish_publish(run_id, self.path_of(tmp), self.path_of(part), fingerprint)
 
     def _finish_publish(self, run_id: int, tmp: Path, part: Path, fingerprint: str) -> None:
+        if not tmp.exists() and not part.exists():
+            # Killed after the intent was recorded but the files are gone (removed by hand):
+            # nothing to publish.
+            self.db.execute("DELETE FROM publish WHERE run_id=?", (run_id,))
+            return
         source = tmp if tmp.exists() else part
         table = pq.read_table(source, columns=["doc_id", "status", "content_hash"])
         rows = table.to_pylist()
@@ -116,16 +162,16 @@ class JobState:
         olds: dict[str, set[str]] = {}
         for doc_id in new_ids:
             hit = self.db.execute("SELECT part FROM docs WHERE doc_id=?", (doc_id,)).fetchone()
-            if hit and hit[0] and hit[0] != str(part):
-                olds.setdefault(hit[0], set()).add(doc_id)
+            if hit and hit[0] and Path(hit[0]).name != part.name:
+                olds.setdefault(Path(hit[0]).name, set()).add(doc_id)
         for old, ids in olds.items():
-            _drop_rows(Path(old), ids)
+            _drop_rows(self.dir / old, ids)
         if tmp.exists():
             os.replace(tmp, part)
         self.db.execute("BEGIN")
         for r in rows:
             self.db.execute("INSERT OR REPLACE INTO docs VALUES (?, ?, ?, ?, ?)",
-                            (r["doc_id"], r["content_hash"], fingerprint, r["status"], str(part)))
+                            (r["doc_id"], r["content_hash"], fingerprint, r["status"], part.name))
         self.db.execute("DELETE FROM publish WHERE run_id=?", (run_id,))
         self.db.execute("COMMIT")
 
@@ -153,6 +199,6 @@ def _drop_rows(path: Path, doc_ids: set[str]) -> None:
     if kept.num_rows == 0:
         path.unlink()
         return
-    tmp = path.with_name(path.name + ".rewrite")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden from dataset readers
     pq.write_table(kept, tmp)
     os.replace(tmp, path)

@@ -301,7 +301,8 @@ def jobs_schedule(job_file, once, max_runs):
         raise _fail(exc) from None
     for summary in results:
         if summary is None:
-            click.echo("skipped: another run of this job was in progress", err=True)
+            click.echo("no result for this tick: another run of this job was in progress, or "
+                       "the run failed (`docpipe jobs ledger` shows the error)", err=True)
         else:
             _print_job_summary(summary)
 
@@ -321,6 +322,7 @@ def jobs_ledger(job_file):
             click.echo(
                 f"run {r['run_id']}  {r['status']:<15} done {r['num_done']}  skipped {r['num_skipped']}  "
                 f"failed {r['num_failed']}  retries {r['num_retries']}  part {r['part']}"
+                + (f"  error {r['note']}" if r.get("note") else "")
             )
     finally:
         state.close()

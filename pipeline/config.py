@@ -106,6 +106,8 @@ class RunConfig:
         data["dtype"] = dtype
         if kv_dtype != dtype:  # absent when equal: fingerprints from before the setting hold
             data["kv_cache_dtype"] = kv_dtype
+        if self.temperature > 0:  # absent for greedy runs, which take no seed
+            data["seeding"] = "per-request"  # before: every request sampled with `seed` itself
         data["weights"] = weights_hash
         data["prompts"] = prompt_version
         blob = json.dumps(data, sort_keys=True).encode()

@@ -8,12 +8,22 @@ r"""Hierarchical merge: group pieces so every merge prompt fits the model's cont
 
 A piece too large to share a prompt with any other still goes alone into a group (it is
 shortened by the prompt fitter), and every level at least halves the piece count whenever
-two pieces fit together, so the merge always terminates.
+two pieces fit together. The run checks at start that two pieces of `max_summary_tokens` fit
+in one merge prompt (`pipeline.runner.largest_mergeable_summary`); a level that shrinks
+neither the piece count nor their tokens, or a merge deeper than MAX_MERGE_LEVELS, raises
+MergeStalled, which makes the document an error row, so a merge always ends.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+# Every level at least halves the count when pieces pair, so 2**40 chunks would need 40.
+MAX_MERGE_LEVELS = 40
+
+
+class MergeStalled(RuntimeError):
+    """A document's merge would not end; the document becomes an error row."""
 
 
 @dataclass(slots=True)

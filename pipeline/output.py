@@ -32,6 +32,7 @@ temp file is removed and `path` is left as it was (absent if it did not exist).
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -79,6 +80,10 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("cached_tokens", pa.int64(), nullable=False),
         pa.field("wall_s", pa.float64(), nullable=False),
         pa.field("expert_tokens", pa.list_(pa.int64())),
+        # prompts of this document cut to fit the model's context, and the tokens cut in all
+        # (nullable: parts written before these columns read them as null)
+        pa.field("num_truncated_prompts", pa.int32()),
+        pa.field("num_truncated_tokens", pa.int64()),
     ]
 )
 
@@ -122,6 +127,8 @@ class DocResult:
     cached_tokens: int = 0
     wall_s: float = 0.0
     expert_tokens: list[int] | None = None
+    num_truncated_prompts: int = 0  # prompts cut to fit the context (chunk or merge prompts)
+    num_truncated_tokens: int = 0  # message tokens those cuts removed
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -183,6 +190,40 @@ def error_row(doc: Document, message: str, **ctx: Any) -> DocResult:
     )
 
 
+_TMP_MARK = ".tmp-"
+
+
+def _pid_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_tmp_files(directory: Path, name: str | None = None) -> list[Path]:
+    """Remove `*.tmp-<pid>` files in `directory` (only `<name>.tmp-<pid>` when `name` is
+    given) whose process is gone: what a killed run left behind. A live pid's file may be
+    another run's work in progress and is kept. Returns the removed paths."""
+    removed = []
+    if not directory.is_dir():
+        return removed
+    prefix = glob.escape(name) if name else "*"
+    for path in directory.glob(f"{prefix}{_TMP_MARK}*"):
+        stem, _, pid = path.name.rpartition(_TMP_MARK)
+        if not stem or not pid.isdigit() or int(pid) == os.getpid() or _pid_is_alive(int(pid)):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        logger.info("removed %s, left by a killed run (pid %s)", path, pid)
+        removed.append(path)
+    return removed
+
+
 class ResultWriter:
     """Writes DocResults to `path` atomically.
 
@@ -200,12 +241,13 @@ class ResultWriter:
         self.path = Path(path)
         self.format = format
         self.flush_rows = flush_rows
-        self.tmp_path = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.tmp_path = self.path.with_name(f"{self.path.name}{_TMP_MARK}{os.getpid()}")
         self.num_rows = 0
         self._rows: list[dict[str, Any]] = []
         self._doc_ids: set[str] = set()
         self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp_files(self.path.parent, self.path.name)
         if format == "parquet":
             self._parquet: pq.ParquetWriter | None = pq.ParquetWriter(self.tmp_path, OUTPUT_SCHEMA)
             self._jsonl = None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pipeline.chunking import chunk_text
 from pipeline.config import RunConfig
 from pipeline.output import DocResult
-from pipeline.prompts import PROMPT_VERSION, as_chat, reduce_prompt
+from pipeline.prompts import PROMPT_VERSION, as_chat, piece_text, reduce_prompt
 from pipeline.stores import Document
 from pipeline.strategies import STRATEGY_CLASSES, DocumentStrategy, MergeBudget, Request
 from workers.host import WorkRequest, WorkResult
@@ -37,12 +37,22 @@ _KEEP_TAIL = 64
 
 
 class PromptFitter:
-    """Chat template + context check with the model's own tokenizer."""
+    """Chat template + context check with the model's own tokenizer.
+
+    A prompt too long for the context is cut inside its user message, by token ids:
+
+        [template head] [message head ... | cut | ... last _KEEP_TAIL tokens] [template tail]
+
+    The template's own tokens (role markers, the generation prompt) are never cut, and the
+    kept ids are never decoded and re-encoded, so the result fits exactly."""
+
+    _SENTINEL = "\x00docpipe-user-message\x00"
 
     def __init__(self, tokenizer, max_model_len: int) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.num_truncated = 0
+        self._template_ids: tuple[list[int], list[int]] | None = None
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
@@ -50,21 +60,56 @@ class PromptFitter:
     def chat_overhead(self) -> int:
         return len(self.tokenizer.apply_chat_template(as_chat("")))
 
+    def template_ids(self) -> tuple[list[int], list[int]]:
+        """Token ids of the chat template before and after the user message."""
+        if self._template_ids is None:
+            text = self.tokenizer.apply_chat_template(as_chat(self._SENTINEL), tokenize=False)
+            if text.count(self._SENTINEL) != 1:
+                raise ValueError("the model's chat template does not place the user message "
+                                 "verbatim; docpipe cannot cut an over-long prompt inside it")
+            head, tail = text.split(self._SENTINEL)
+            self._template_ids = (self.tokenizer.encode(head), self.tokenizer.encode(tail))
+        return self._template_ids
+
     def encode(self, req: Request) -> list[int]:
+        return self.fit(req)[0]
+
+    def fit(self, req: Request) -> tuple[list[int], int]:
+        """The prompt's token ids, and how many message tokens were cut to fit (0: none)."""
         ids = self.tokenizer.apply_chat_template(as_chat(req.prompt))
         limit = self.max_model_len - req.max_tokens - 1
         if len(ids) <= limit:
-            return ids
-        # Too long for the context: cut the middle of the user message (by model tokens).
-        self.num_truncated += 1
+            return ids, 0
+        head, tail = self.template_ids()
         msg = self.tokenizer.encode(req.prompt)
-        room = max(8, len(msg) - (len(ids) - limit))
-        head, tail = msg[: room - _KEEP_TAIL], msg[len(msg) - _KEEP_TAIL :]
-        text = self.tokenizer.decode(head + tail)
-        logger.warning("%s: prompt of %d tokens cut to fit the model's context of %d",
-                       req.request_id, len(ids), self.max_model_len)
-        ids = self.tokenizer.apply_chat_template(as_chat(text))
-        return ids[: max(1, limit)]
+        room = limit - len(head) - len(tail)
+        if room < 1:
+            raise ValueError(f"the chat template alone ({len(head) + len(tail)} tokens) leaves no "
+                             f"room for a prompt in the model's context of {self.max_model_len} "
+                             f"with {req.max_tokens} tokens to generate")
+        keep_tail = min(_KEEP_TAIL, room // 2)
+        kept = msg[: room - keep_tail] + (msg[len(msg) - keep_tail:] if keep_tail else [])
+        num_cut = len(msg) - len(kept)
+        self.num_truncated += 1
+        logger.warning("%s: prompt of %d tokens cut by %d to fit the model's context of %d",
+                       req.request_id, len(ids), num_cut, self.max_model_len)
+        return head + kept + tail, num_cut
+
+
+def merge_overhead_tokens(fitter: PromptFitter, reduce_task: str | None) -> int:
+    """Tokens of a merge prompt without its pieces: chat template and instructions."""
+    return fitter.chat_overhead() + fitter.count(reduce_prompt([], reduce_task))
+
+
+def largest_mergeable_summary(fitter: PromptFitter, config: RunConfig) -> int:
+    """The largest `max_summary_tokens` for which two pieces of that size, with their labels,
+    plus the merge prompt and room for a merged answer of that size fit the model's context:
+    below it, every merge level pairs pieces and the merge ends."""
+    overhead = merge_overhead_tokens(fitter, config.reduce_task)
+    # "Part <n>: " and "\n\n", with a label longer than any document's piece count
+    label = fitter.count(piece_text(10**6, "x")) - fitter.count("x")
+    # overhead + 2 * (m + label) <= budget = max_model_len - m - 1
+    return (fitter.max_model_len - 1 - overhead - 2 * label) // 3
 
 
 @dataclass(slots=True)
@@ -95,6 +140,8 @@ class _DocState:
     generated_tokens: int = 0
     cached_tokens: int = 0
     expert_tokens: list[int] | None = None
+    num_truncated_prompts: int = 0
+    num_truncated_tokens: int = 0
     error: str | None = None
 
 
@@ -102,6 +149,14 @@ def doc_key(doc: Document, fingerprint: str) -> str:
     """Deterministic key of (doc_id, content, config): prefix of every request id."""
     raw = f"{doc.doc_id}\x00{doc.content_hash}\x00{fingerprint}".encode("utf-8", "surrogatepass")
     return hashlib.sha256(raw).hexdigest()[:24]
+
+
+def request_seed(seed: int, request_id: str) -> int:
+    """A request's sampling seed: reproducible (same run seed, same request id, same seed:
+    request ids are deterministic) and distinct per request, so chunks are not all sampled
+    from one random stream. 63 bits, a valid seed for torch.Generator."""
+    digest = hashlib.sha256(f"{seed}:{request_id}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 class PipelineRunner:
@@ -119,7 +174,7 @@ class PipelineRunner:
         self.cached = cached
         self.on_result = on_result
         self.on_progress = on_progress
-        overhead = self.fitter.chat_overhead() + self.fitter.count(reduce_prompt([], config.reduce_task))
+        overhead = merge_overhead_tokens(self.fitter, config.reduce_task)
         self.merge_budget = MergeBudget(
             budget_tokens=max_model_len - config.max_summary_tokens - 1,
             overhead_tokens=overhead,
@@ -195,15 +250,20 @@ class PipelineRunner:
         for req in reqs:
             state.pending += 1
             self._requests[req.request_id] = (state.strategy.doc_key, req)
+            # Fitted even when the result is stored, so a resumed run's row counts the same cuts.
+            ids, num_cut = self.fitter.fit(req)
+            if num_cut:
+                state.num_truncated_prompts += 1
+                state.num_truncated_tokens += num_cut
             stored = self.cached(req.request_id) if self.cached else None
             if stored is not None:
                 self.stats.num_cached_requests += 1
                 self._ready.append(stored)
                 continue
-            ids = self.fitter.encode(req)
             sampling = dict(max_tokens=req.max_tokens, temperature=self.config.temperature,
                             repetition_penalty=self.config.repetition_penalty,
-                            seed=self.config.seed if self.config.temperature > 0 else None)
+                            seed=(request_seed(self.config.seed, req.request_id)
+                                  if self.config.temperature > 0 else None))
             work.append(WorkRequest(req.request_id, ids, sampling, routing_key=state.strategy.doc_key))
         if work:
             self.stats.num_requests += len(work)
@@ -275,7 +335,8 @@ class PipelineRunner:
             num_tokens=state.num_tokens, num_chunks=len(st.chunks),
             prompt_tokens=state.prompt_tokens, generated_tokens=state.generated_tokens,
             cached_tokens=state.cached_tokens, wall_s=time.perf_counter() - state.t0,
-            expert_tokens=state.expert_tokens,
+            expert_tokens=state.expert_tokens, num_truncated_prompts=state.num_truncated_prompts,
+            num_truncated_tokens=state.num_truncated_tokens,
         ))
 
     # -- the loop ---------------------------------------------------------------------------

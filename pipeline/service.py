@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.config import PREFILL_ALIGN, RunConfig
 from pipeline.output import ResultWriter
-from pipeline.runner import PipelineRunner, RunStats
+from pipeline.runner import PipelineRunner, PromptFitter, RunStats, largest_mergeable_summary
 from pipeline.stores import Document
 from workers.host import EngineSpec
 
@@ -57,6 +57,29 @@ def describe(config: RunConfig):
     return info
 
 
+MERGING_STRATEGIES = ("map-reduce", "overlap-summary")
+
+
+def check_merge_fits(config: RunConfig, info) -> None:
+    """Two pieces of `max_summary_tokens` and the merge prompt must fit the model's context,
+    else a merge level could never pair pieces."""
+    if config.strategy not in MERGING_STRATEGIES:
+        return
+    largest = largest_mergeable_summary(PromptFitter(info.tokenizer, info.max_model_len), config)
+    if config.max_summary_tokens <= largest:
+        return
+    if largest < 1:
+        raise ConfigError(
+            f"strategy {config.strategy!r}: the model's context of {info.max_model_len} tokens "
+            f"cannot hold a merge prompt with two summaries; shorten reduce_task, or use "
+            f"strategy refine")
+    raise ConfigError(
+        f"max_summary_tokens={config.max_summary_tokens} is too large for the model's context "
+        f"of {info.max_model_len} tokens: a merge prompt must hold two summaries of that size, "
+        f"its instructions and a merged summary; set max_summary_tokens to at most {largest} "
+        f"(--max-summary-tokens, or max_summary_tokens under [strategy] in a job file)")
+
+
 @contextmanager
 def open_pool(config: RunConfig, engine=None):
     """A LocalPool (in-process) or a RayPool of `config.workers` replicas."""
@@ -97,6 +120,7 @@ def run_documents(
 
     Returns the run's stats and the replicas' engine stats."""
     info = describe(config)
+    check_merge_fits(config, info)
 
     def go(p) -> tuple[RunStats, list[dict]]:
         runner = PipelineRunner(config, p, info.tokenizer, info.max_model_len, info.model_id,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from pipeline import prompts
 from pipeline.chunking import Chunk
-from pipeline.merge import Piece, group_pieces, merged_sources
+from pipeline.merge import MAX_MERGE_LEVELS, MergeStalled, Piece, group_pieces, merged_sources
 
 
 @dataclass(slots=True)
@@ -59,6 +59,7 @@ class DocumentStrategy:
         self._pieces: list[Piece] = []
         self._level_outputs: dict[int, str] = {}
         self._level_groups: list[list[int]] = []
+        self._level_size: tuple[int, int] | None = None  # (pieces, tokens) entering the level
 
     @property
     def done(self) -> bool:
@@ -88,6 +89,19 @@ class DocumentStrategy:
         if len(pieces) == 1:
             self.summary = pieces[0].text
             return []
+        # Each level must shrink the piece count or their tokens; one that does neither would
+        # repeat forever (pieces too big to pair, answers as long as their inputs).
+        size = (len(pieces), sum(p.num_tokens for p in pieces))
+        if self._level_size is not None and size[0] >= self._level_size[0] \
+                and size[1] >= self._level_size[1]:
+            raise MergeStalled(
+                f"the merge stopped shrinking at level {self.merge_levels}: {size[0]} pieces of "
+                f"{size[1]} tokens in all, none of which fit two to a merge prompt of "
+                f"{self.merge.budget_tokens} tokens; lower max_summary_tokens")
+        if self.merge_levels >= MAX_MERGE_LEVELS:
+            raise MergeStalled(f"the merge did not finish in {MAX_MERGE_LEVELS} levels "
+                               f"({size[0]} pieces left); lower max_summary_tokens")
+        self._level_size = size
         self.merge_levels += 1
         self._pieces = pieces
         self._level_outputs = {}

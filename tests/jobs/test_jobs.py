@@ -75,7 +75,7 @@ def test_incremental_runs(tiny_model_dir, tmp_path):
     assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
     ledger = JobState(spec.output_dir).ledger()
     assert [r["num_done"] for r in ledger] == [5, 0, 1, 1]
-    assert (spec.output_dir / "ledger.jsonl").read_text().count("\n") == 4
+    assert (spec.output_dir / "_ledger.jsonl").read_text().count("\n") == 4
 
 
 def test_lock_prevents_two_runs(tiny_model_dir, tmp_path):

@@ -62,6 +62,9 @@ def test_good_job(tmp_path):
      "schedule.cron = 'every day' is not a valid cron expression (five fields: minute hour day month weekday)"),
     ("[input]\npath='d'\n[output]\npath='o'\n[schedule]\nmissed='all'\n",
      "schedule.missed = 'all'; use skip or run-once"),
+    ("[input]\npath='d'\n[output]\npath='o'\n[schedule]\ntimezone='Europe/Pariss'\n",
+     "schedule.timezone = 'Europe/Pariss' is not a known time zone; use an IANA name such as "
+     "\"UTC\", \"Europe/Paris\" or \"America/New_York\" (leave it out for UTC)"),
     ("[input\npath='d'\n", None),
 ])
 def test_bad_job_files(tmp_path, text, expected):

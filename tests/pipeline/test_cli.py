@@ -79,3 +79,15 @@ def test_generate_with_a_local_model(tiny_model_dir):
 def test_models_lists_the_embedded_model():
     result = invoke("models")
     assert result.exit_code == 0 and "smollm2-135m-instruct" in result.output
+
+
+def test_summary_too_large_to_merge_names_the_largest_that_works(tiny_small_ctx_dir, tmp_path):
+    (tmp_path / "a.txt").write_text("The whale surfaced near the ship. " * 20)
+    result = invoke("run", tmp_path / "a.txt", "-o", tmp_path / "o.parquet", "--model",
+                    tiny_small_ctx_dir, "--no-ray", "--dtype", "float32",
+                    "--max-summary-tokens", "600")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: max_summary_tokens=600 is too large for the model's "
+                                    "context of 1024 tokens")
+    assert "set max_summary_tokens to at most " in result.output
+    assert not (tmp_path / "o.parquet").exists()
