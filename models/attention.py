@@ -261,15 +261,17 @@ class Attention(nn.Module):
         v = qkv[:, (H + Hkv) * D :].view(N, Hkv, D)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
-            k_cache[:, meta.slot_mapping] = k.transpose(0, 1)
-            v_cache[:, meta.slot_mapping] = v.transpose(0, 1)
+            # the cache may hold another dtype (kv_cache_dtype): rounded once, here
+            k_cache[:, meta.slot_mapping] = k.transpose(0, 1).to(k_cache.dtype)
+            v_cache[:, meta.slot_mapping] = v.transpose(0, 1).to(v_cache.dtype)
         out = torch.empty_like(q)
         kernel = self._native_kernel(x, kv_cache)
         if kernel is not None:
-            prefill = native.prefill_attention(x.dtype, D, H // Hkv)
+            prefill = native.prefill_attention(x.dtype, kv_cache[0].dtype, D, H // Hkv)
             plan = meta.native_plan(self.window, x.device, prefill is not None)
             if len(plan.decode[0]):
-                self._native_call(kernel, q, kv_cache, out, plan.decode)
+                done = self._native_call(kernel, q, kv_cache, out, plan.decode)
+                assert done, "decode kernel refused a dtype pair it said it takes"
             if len(plan.prefill[0]):
                 done = self._native_call(prefill, q, kv_cache, out, plan.prefill)
                 assert done, "prefill kernel refused a shape it said it supports"
@@ -302,8 +304,10 @@ class Attention(nn.Module):
         return self.o_proj(out.view(N, H * D), fixed_k)
 
     def _native_kernel(self, x: torch.Tensor, kv_cache):
-        """The native decode kernel when it applies here (CPU cache, fp32/bf16), else None."""
-        if kv_cache is None or x.device.type != "cpu" or x.dtype not in native.DTYPES:
+        """The native decode kernel when it applies here (CPU cache; compute and cache dtypes
+        a pair of native.ATTENTION_DTYPES), else None."""
+        if kv_cache is None or x.device.type != "cpu" or (
+                (x.dtype, kv_cache[0].dtype) not in native.ATTENTION_DTYPES):
             return None
         kernel = native.paged_decode()
         if kernel is None or self.head_dim > kernel.max_dim or (
@@ -314,12 +318,15 @@ class Attention(nn.Module):
     def _native_call(self, kernel, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                      out: torch.Tensor, tables: tuple[torch.Tensor, ...]):
         """One native attention call over every group in `tables` (a `NativePlan` table, its
-        first tensor one entry per group), K/V read in place; returns the kernel's result."""
+        first tensor one entry per group), K/V read in place (their dtype may differ from q's);
+        returns the kernel's result (1: computed)."""
         k_cache, v_cache = kv_cache
         D = self.head_dim
         assert q.stride(2) == 1 and q.stride(1) == D and out.is_contiguous()
         assert k_cache.stride() == v_cache.stride() and k_cache.stride()[1:] == (D, 1)
-        return kernel(native.DTYPES[q.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(),
+        assert k_cache.dtype == v_cache.dtype and out.dtype == q.dtype
+        return kernel(native.DTYPES[q.dtype], native.DTYPES[k_cache.dtype], q.data_ptr(),
+                      q.stride(0), k_cache.data_ptr(),
                       v_cache.data_ptr(), k_cache.stride(0), out.data_ptr(), out.stride(0),
                       *(t.data_ptr() for t in tables), len(tables[0]), self.num_heads,
                       self.num_kv_heads, D, D**-0.5)
@@ -331,7 +338,9 @@ class Attention(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         qg = q.view(1, Hkv, H // Hkv, D)
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        parts = [flash(qg, k_cache[:, r].unsqueeze(0), v_cache[:, r].unsqueeze(0)) for r in runs]
+        dt = q.dtype  # K/V of a cache in another dtype (kv_cache_dtype) are cast per run
+        parts = [flash(qg, k_cache[:, r].unsqueeze(0).to(dt), v_cache[:, r].unsqueeze(0).to(dt))
+                 for r in runs]
         return _merge_by_lse(parts).to(q.dtype).view(1, H, D)
 
     def _attend_split(self, q: torch.Tensor, k_prior: torch.Tensor, v_prior: torch.Tensor,
@@ -342,6 +351,7 @@ class Attention(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         G = H // Hkv
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        k_prior, v_prior, k_diag, v_diag = (t.to(q.dtype) for t in (k_prior, v_prior, k_diag, v_diag))
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, Tq, D]
         if G > 1:
             k_diag = k_diag.repeat_interleave(G, dim=0)
@@ -361,6 +371,7 @@ class Attention(nn.Module):
         """q: [Tq, H, D]; keys/values: [Hkv, Tk, D] -> [Tq, H, D]."""
         Tq = q.shape[0]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        keys, values = keys.to(q.dtype), values.to(q.dtype)  # a cache in another kv dtype
         if Tq == 1:
             # Decode: fold the query heads that share a KV head into the "length" axis, so no
             # K/V expansion is needed and one call covers all heads.

@@ -6,6 +6,7 @@ are built) all read `cpu_info()`, so one setting steers them together:
     DOCPIPE_CPU_ISA=avx2          behave as on an AVX2 + FMA CPU (x86-64-v3): fp32 by default,
                                   kernels built with -march=x86-64-v3
     DOCPIPE_CPU_ISA=avx512        AVX-512 without bf16 dot products (x86-64-v4)
+    DOCPIPE_CPU_ISA=baseline      no AVX2 (kernels built for x86-64-v2: their portable paths)
     DOCPIPE_CPU_ISA=native        (default) what the CPU has
 
 A level can only be lowered: asking for more than the CPU has is an error. The variable does
@@ -24,8 +25,9 @@ from pathlib import Path
 
 # x86 levels in order; each includes the ones before it.
 LEVELS = ("baseline", "avx2", "avx512", "avx512_bf16")
-# -march for a forced level (native: the compiler's own detection).
-MARCH = {"avx2": "x86-64-v3", "avx512": "x86-64-v4"}
+# -march for a forced level (native: the compiler's own detection); baseline: x86-64-v2 (SSE4.2,
+# no AVX), so the kernels build their portable paths.
+MARCH = {"baseline": "x86-64-v2", "avx2": "x86-64-v3", "avx512": "x86-64-v4"}
 RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -112,7 +114,7 @@ def cpu_info() -> CpuInfo:
         return CpuInfo(model, arch, flags, detected, detected)
     if wanted not in LEVELS or arch not in ("x86_64", "AMD64"):
         raise ValueError(f"DOCPIPE_CPU_ISA={wanted!r} is not valid here; use native, or on "
-                         f"x86-64 one of {', '.join(LEVELS[1:])}")
+                         f"x86-64 one of {', '.join(LEVELS)}")
     if LEVELS.index(wanted) > LEVELS.index(detected):
         raise ValueError(f"DOCPIPE_CPU_ISA={wanted!r}: this CPU ({model}) supports only up to "
                          f"{detected}; unset the variable or choose a lower level")

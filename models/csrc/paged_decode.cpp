@@ -3,13 +3,20 @@
 //
 // Cache layout per layer: K and V [num_kv_heads, num_slots, head_dim]; a row's keys are the
 // slots of its runs of consecutive slots, in order. Query heads that share a KV head are
-// computed together, so each key and value is read once per KV head.
+// computed together, so each key and value is read once per KV head. q/out and the cache have
+// their own element types (fp32 q with a bf16 cache halves the bytes decode reads); the
+// arithmetic is fp32 throughout.
+//
+// Paths, the first that applies: AVX-512 with the queries and accumulators in registers
+// (head_dim 64 with 2-6 query heads per KV head, head_dim 128 with 2-3); the SIMD path
+// (AVX-512 or AVX2 + FMA: head_dim 64/128/256, up to 16 query heads per KV head); a portable
+// loop nest for anything else.
 //
 // Work items are (row, kv head) pairs spread over the OpenMP threads; an item's arithmetic
 // order depends only on its own keys, never on the batch or the thread count, so a row's
 // output is the same whatever else is in the batch (batch invariance).
 //
-// Built by models/native.py (with elementwise.cpp, into one library); called through ctypes.
+// Built by models/native.py into its own library; called through ctypes.
 
 #include <cmath>
 #include <cstdint>
@@ -25,8 +32,8 @@ constexpr int kMaxDim = 256;    // head_dim
 constexpr int kTile = 16;       // keys per softmax update
 
 // DT > 0: head_dim known at compile time (fully vectorised loops); DT == 0: runtime D.
-template <typename T, int DT>
-void decode_item(const T* q, const T* k, const T* v, T* out, const int64_t* run_start,
+template <typename TQ, typename TK, int DT>
+void decode_item(const TQ* q, const TK* k, const TK* v, TQ* out, const int64_t* run_start,
                  const int64_t* run_len, int64_t num_runs, int G, int D_, float scale) {
   const int D = DT > 0 ? DT : D_;
   alignas(64) float qf[kMaxGroup * kMaxDim];
@@ -96,11 +103,12 @@ void decode_item(const T* q, const T* k, const T* v, T* out, const int64_t* run_
 
 #ifdef __AVX512F__
 // AVX-512 path for head_dim = 16 * NV and G query heads per KV head, both known at compile
-// time so the queries and accumulators stay in registers. Scores of a tile of 16 keys are
-// reduced together (a transpose-and-add tree) instead of one horizontal sum per key.
+// time so the queries and accumulators stay in registers (for the shapes pick() sends here).
+// Scores of a tile of 16 keys are reduced together (a transpose-and-add tree) instead of one
+// horizontal sum per key.
 
-template <typename T, int G, int NV>
-void decode_item_avx512(const T* q, const T* k, const T* v, T* out, const int64_t* run_start,
+template <typename TQ, typename TK, int G, int NV>
+void decode_item_avx512(const TQ* q, const TK* k, const TK* v, TQ* out, const int64_t* run_start,
                         const int64_t* run_len, int64_t num_runs, float scale) {
   constexpr int D = 16 * NV;
   __m512 qv[G][NV], acc[G][NV];
@@ -121,8 +129,8 @@ void decode_item_avx512(const T* q, const T* k, const T* v, T* out, const int64_
     const int64_t first = run_start[r], count = run_len[r];
     for (int64_t t0 = 0; t0 < count; t0 += 16) {
       const int n = static_cast<int>(count - t0 < 16 ? count - t0 : 16);
-      const T* kt = k + (first + t0) * D;
-      const T* vt = v + (first + t0) * D;
+      const TK* kt = k + (first + t0) * D;
+      const TK* vt = v + (first + t0) * D;
       for (int j = 0; j < 16; ++j) {
         if (j >= n) {
           for (int g = 0; g < G; ++g) part[g][j] = _mm512_setzero_ps();
@@ -167,86 +175,227 @@ void decode_item_avx512(const T* q, const T* k, const T* v, T* out, const int64_
   }
 }
 
-using ItemFn = void (*)(const void*, const void*, const void*, void*, const int64_t*,
-                        const int64_t*, int64_t, float);
-
-template <typename T, int G, int NV>
-void item_thunk(const void* q, const void* k, const void* v, void* out, const int64_t* rs,
-                const int64_t* rl, int64_t nr, float scale) {
-  decode_item_avx512<T, G, NV>(static_cast<const T*>(q), static_cast<const T*>(k),
-                               static_cast<const T*>(v), static_cast<T*>(out), rs, rl, nr, scale);
-}
-
-template <typename T, int NV>
-ItemFn pick_group(int G) {
-  switch (G) {
-    case 1: return item_thunk<T, 1, NV>;
-    case 2: return item_thunk<T, 2, NV>;
-    case 3: return item_thunk<T, 3, NV>;
-    case 4: return item_thunk<T, 4, NV>;
-    case 5: return item_thunk<T, 5, NV>;
-    case 6: return item_thunk<T, 6, NV>;
-    case 7: return item_thunk<T, 7, NV>;
-    case 8: return item_thunk<T, 8, NV>;
-    default: return nullptr;
-  }
-}
-
-template <typename T>
-ItemFn pick_avx512(int G, int D) {
-  if (D == 64) return pick_group<T, 4>(G);
-  if (D == 128) return pick_group<T, 8>(G);
-  return nullptr;
+template <typename TQ, typename TK, int G, int NV>
+void item_avx512(const void* q, const void* k, const void* v, void* out, const int64_t* rs,
+                 const int64_t* rl, int64_t nr, int, float scale) {
+  decode_item_avx512<TQ, TK, G, NV>(static_cast<const TQ*>(q), static_cast<const TK*>(k),
+                                    static_cast<const TK*>(v), static_cast<TQ*>(out), rs, rl, nr,
+                                    scale);
 }
 #endif  // __AVX512F__
 
-template <typename T, int DT>
-void run(const T* q, int64_t q_row_stride, const T* k, const T* v, int64_t kv_head_stride,
-         T* out, int64_t out_row_stride, const int64_t* rows, const int64_t* run_off,
+#if defined(__AVX512F__) || defined(DOCPIPE_AVX2)
+#ifdef __AVX512F__
+using Simd = Vec16;
+#else
+using Simd = Vec8;
+#endif
+
+// SIMD path for head_dim D (a multiple of the vector width) and a runtime G <= kMaxGroup:
+// the queries and accumulators live in (L1-resident) arrays, so one body serves every G.
+// Both phases of a tile of 16 keys go key by key, each K (then V) row read once, in order, and
+// applied to every query head: the hardware prefetchers follow that stream from DRAM, where
+// the same loads grouped head by head and chunk by chunk ran at half the bandwidth (measured:
+// 10-15 against 22-28 GB/s on one Zen 4 core; explicit prefetches did not help). Scores: each
+// (head, key) a W-lane partial product, W keys reduced together (one transpose-and-add tree).
+// bf16 K/V are widened as they are loaded.
+template <typename TQ, typename TK, int D>
+void decode_item_simd(const TQ* q, const TK* k, const TK* v, TQ* out, const int64_t* run_start,
+                      const int64_t* run_len, int64_t num_runs, int G, float scale) {
+  using A = Simd;
+  using V = A::V;
+  constexpr int W = A::W, NV = D / W, T = 16, NS = T / W;
+  constexpr int CK = NV < 8 ? NV : 8, CV = NV < 4 ? NV : 4;  // row vectors held in registers
+  static_assert(D % W == 0 && T % W == 0 && NV % CK == 0 && NV % CV == 0, "tile shapes");
+  alignas(64) float qs[kMaxGroup][D];
+  alignas(64) float acc[kMaxGroup][D];
+  alignas(64) float part[kMaxGroup][T][W];  // per head and key: lanes to sum for the score
+  alignas(64) float p[kMaxGroup][T];
+  float m[kMaxGroup], l[kMaxGroup], corr[kMaxGroup];
+  for (int g = 0; g < G; ++g) {
+    for (int d = 0; d < D; ++d) qs[g][d] = load(q, g * D + d) * scale;
+    for (int d = 0; d < D; ++d) acc[g][d] = 0.f;
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+  }
+  const V neg_inf = A::set1(-INFINITY);
+  for (int64_t r = 0; r < num_runs; ++r) {
+    const int64_t first = run_start[r], count = run_len[r];
+    for (int64_t t0 = 0; t0 < count; t0 += T) {
+      const int n = static_cast<int>(count - t0 < T ? count - t0 : T);
+      const TK* kt = k + (first + t0) * D;
+      const TK* vt = v + (first + t0) * D;
+      for (int j = 0; j < n; ++j) {
+        // CK vectors of the row at a time (in registers), a head's sum carried between blocks
+        for (int c0 = 0; c0 < NV; c0 += CK) {
+          V kr[CK];
+          for (int c = 0; c < CK; ++c) kr[c] = A::load(kt + j * D + (c0 + c) * W);
+          for (int g = 0; g < G; ++g) {
+            const float* qg = qs[g] + c0 * W;
+            V t = c0 == 0 ? A::mul(A::load(qg), kr[0])
+                          : A::fma(A::load(qg), kr[0], A::load(part[g][j]));
+            for (int c = 1; c < CK; ++c) t = A::fma(A::load(qg + c * W), kr[c], t);
+            A::store(part[g][j], t);
+          }
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        V s[NS];
+        for (int h = 0; h < NS; ++h) {
+          V lanes[W];  // past n: stale or unset, masked below
+          for (int j = 0; j < W; ++j) lanes[j] = A::load(part[g][h * W + j]);
+          s[h] = A::head(A::reduce(lanes), n - h * W, neg_inf);
+        }
+        V mx = s[0];
+        for (int h = 1; h < NS; ++h) mx = A::max(mx, s[h]);
+        const float tile_max = A::hmax(mx);
+        // the first tile has nothing to correct (m = -inf); an unchanged max corrects by 1
+        corr[g] = 1.f;
+        if (tile_max > m[g]) {
+          corr[g] = l[g] > 0.f ? exp_nonpositive(m[g] - tile_max) : 0.f;
+          m[g] = tile_max;
+        }
+        const V mg = A::set1(m[g]);
+        V sum = A::zero();
+        for (int h = 0; h < NS; ++h) {
+          const V e = A::head(A::exp(A::sub(s[h], mg)), n - h * W, A::zero());
+          A::store(p[g] + h * W, e);
+          sum = A::add(sum, e);
+        }
+        l[g] = l[g] * corr[g] + A::hsum(sum);
+        if (corr[g] != 1.f) {
+          const V cg = A::set1(corr[g]);
+          for (int c = 0; c < NV; ++c)
+            A::store(acc[g] + c * W, A::mul(A::load(acc[g] + c * W), cg));
+        }
+      }
+      // keys in pairs (an odd last key paired with a weight-0 copy of itself: adds exact
+      // zeros), CV vectors of both rows at a time: two FMAs per accumulator load and store
+      for (int j = 0; j < n; j += 2) {
+        const int j1 = j + 1 < n ? j + 1 : j;
+        const TK* v0 = vt + j * D;
+        const TK* v1 = vt + j1 * D;
+        for (int c0 = 0; c0 < NV; c0 += CV) {
+          V a[CV], b[CV];
+          for (int c = 0; c < CV; ++c) {
+            a[c] = A::load(v0 + (c0 + c) * W);
+            b[c] = A::load(v1 + (c0 + c) * W);
+          }
+          for (int g = 0; g < G; ++g) {
+            const V p0 = A::set1(p[g][j]);
+            const V p1 = A::set1(j + 1 < n ? p[g][j + 1] : 0.f);
+            float* ag = acc[g] + c0 * W;
+            for (int c = 0; c < CV; ++c)
+              A::store(ag + c * W, A::fma(p1, b[c], A::fma(p0, a[c], A::load(ag + c * W))));
+          }
+        }
+      }
+    }
+  }
+  alignas(64) float o[D];
+  for (int g = 0; g < G; ++g) {
+    const V inv = A::set1(l[g] > 0.f ? 1.f / l[g] : 0.f);
+    for (int c = 0; c < NV; ++c) A::store(o + c * W, A::mul(A::load(acc[g] + c * W), inv));
+    for (int d = 0; d < D; ++d) store(out, g * D + d, o[d]);
+  }
+}
+
+template <typename TQ, typename TK, int D>
+void item_simd(const void* q, const void* k, const void* v, void* out, const int64_t* rs,
+               const int64_t* rl, int64_t nr, int G, float scale) {
+  decode_item_simd<TQ, TK, D>(static_cast<const TQ*>(q), static_cast<const TK*>(k),
+                              static_cast<const TK*>(v), static_cast<TQ*>(out), rs, rl, nr, G,
+                              scale);
+}
+#endif  // SIMD
+
+template <typename TQ, typename TK, int DT>
+void item_portable(const void* q, const void* k, const void* v, void* out, const int64_t* rs,
+                   const int64_t* rl, int64_t nr, int G, int D, float scale) {
+  decode_item<TQ, TK, DT>(static_cast<const TQ*>(q), static_cast<const TK*>(k),
+                          static_cast<const TK*>(v), static_cast<TQ*>(out), rs, rl, nr, G, D,
+                          scale);
+}
+
+// One work item: (q, k, v, out, run_start, run_len, num_runs, G, scale).
+using ItemFn = void (*)(const void*, const void*, const void*, void*, const int64_t*,
+                        const int64_t*, int64_t, int, float);
+
+enum Path { kPortable = 0, kSimd = 1, kAvx512 = 2 };
+
+// The fastest path compiled in for this shape, and its item function (nullptr: portable).
+template <typename TQ, typename TK>
+ItemFn pick(int G, int D, Path* path) {
+  *path = kPortable;
+  (void)G;
+  (void)D;
+#ifndef DOCPIPE_DECODE_PORTABLE  // -DDOCPIPE_DECODE_PORTABLE: the portable path only (benchmarks)
+#ifdef __AVX512F__
+  // The register path where G x head_dim/16 queries (and as many accumulators) fit in the 32
+  // registers and G >= 2 reuses each loaded key; measured on Zen 4, the SIMD path is faster
+  // elsewhere (G = 1, or the register path spilling, e.g. G = 8 at head_dim 128).
+  if (G >= 2 && (D == 64 || D == 128) && G * (D / 16) <= 24) {
+    ItemFn fn = nullptr;
+    switch (G * 1000 + D) {
+      case 2064: fn = item_avx512<TQ, TK, 2, 4>; break;
+      case 3064: fn = item_avx512<TQ, TK, 3, 4>; break;
+      case 4064: fn = item_avx512<TQ, TK, 4, 4>; break;
+      case 5064: fn = item_avx512<TQ, TK, 5, 4>; break;
+      case 6064: fn = item_avx512<TQ, TK, 6, 4>; break;
+      case 2128: fn = item_avx512<TQ, TK, 2, 8>; break;
+      case 3128: fn = item_avx512<TQ, TK, 3, 8>; break;
+      default: break;
+    }
+    if (fn != nullptr) {
+      *path = kAvx512;
+      return fn;
+    }
+  }
+#endif
+#if defined(__AVX512F__) || defined(DOCPIPE_AVX2)
+  if (G >= 1 && G <= kMaxGroup) {
+    *path = kSimd;
+    if (D == 64) return item_simd<TQ, TK, 64>;
+    if (D == 128) return item_simd<TQ, TK, 128>;
+    if (D == 256) return item_simd<TQ, TK, 256>;
+    *path = kPortable;
+  }
+#endif
+#endif  // DOCPIPE_DECODE_PORTABLE
+  return nullptr;
+}
+
+template <typename TQ, typename TK>
+void run(const TQ* q, int64_t q_row_stride, const TK* k, const TK* v, int64_t kv_head_stride,
+         TQ* out, int64_t out_row_stride, const int64_t* rows, const int64_t* run_off,
          const int64_t* run_start, const int64_t* run_len, int64_t num_rows, int H, int Hkv,
          int D, float scale) {
   const int G = H / Hkv;
-  // Work items (row, KV head) over the threads; `item` computes one from its pointers.
-  auto for_each_item = [&](auto&& item) {
-    const int64_t items = num_rows * Hkv;
+  Path path;
+  ItemFn fast = pick<TQ, TK>(G, D, &path);
+  // the portable body with head_dim known at compile time where it is common
+  using PortableFn = void (*)(const void*, const void*, const void*, void*, const int64_t*,
+                              const int64_t*, int64_t, int, int, float);
+  const PortableFn slow = D == 64    ? item_portable<TQ, TK, 64>
+                          : D == 128 ? item_portable<TQ, TK, 128>
+                                     : item_portable<TQ, TK, 0>;
+  const int64_t items = num_rows * Hkv;
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t i = it / Hkv;
-      const int h = static_cast<int>(it % Hkv);
-      const int64_t row = rows[i];
-      item(q + row * q_row_stride + h * G * D, k + h * kv_head_stride, v + h * kv_head_stride,
-           out + row * out_row_stride + h * G * D, run_start + run_off[i], run_len + run_off[i],
-           run_off[i + 1] - run_off[i]);
-    }
-  };
-#ifdef __AVX512F__
-  if (const ItemFn fast = pick_avx512<T>(G, D)) {
-    for_each_item([&](const T* qi, const T* kh, const T* vh, T* oi, const int64_t* rs,
-                      const int64_t* rl, int64_t nr) { fast(qi, kh, vh, oi, rs, rl, nr, scale); });
-    return;
-  }
-#endif
-  for_each_item([&](const T* qi, const T* kh, const T* vh, T* oi, const int64_t* rs,
-                    const int64_t* rl, int64_t nr) {
-    decode_item<T, DT>(qi, kh, vh, oi, rs, rl, nr, G, D, scale);
-  });
-}
-
-template <typename T>
-void dispatch(const T* q, int64_t q_row_stride, const T* k, const T* v, int64_t kv_head_stride,
-              T* out, int64_t out_row_stride, const int64_t* rows, const int64_t* run_off,
-              const int64_t* run_start, const int64_t* run_len, int64_t num_rows, int H, int Hkv,
-              int D, float scale) {
-  switch (D) {
-    case 64:
-      return run<T, 64>(q, q_row_stride, k, v, kv_head_stride, out, out_row_stride, rows,
-                        run_off, run_start, run_len, num_rows, H, Hkv, D, scale);
-    case 128:
-      return run<T, 128>(q, q_row_stride, k, v, kv_head_stride, out, out_row_stride, rows,
-                         run_off, run_start, run_len, num_rows, H, Hkv, D, scale);
-    default:
-      return run<T, 0>(q, q_row_stride, k, v, kv_head_stride, out, out_row_stride, rows,
-                       run_off, run_start, run_len, num_rows, H, Hkv, D, scale);
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t i = it / Hkv;
+    const int h = static_cast<int>(it % Hkv);
+    const int64_t row = rows[i];
+    const TQ* qi = q + row * q_row_stride + h * G * D;
+    TQ* oi = out + row * out_row_stride + h * G * D;
+    const TK* kh = k + h * kv_head_stride;
+    const TK* vh = v + h * kv_head_stride;
+    const int64_t* rs = run_start + run_off[i];
+    const int64_t* rl = run_len + run_off[i];
+    const int64_t nr = run_off[i + 1] - run_off[i];
+    if (fast != nullptr)
+      fast(qi, kh, vh, oi, rs, rl, nr, G, scale);
+    else
+      slow(qi, kh, vh, oi, rs, rl, nr, G, D, scale);
   }
 }
 
@@ -257,24 +406,50 @@ extern "C" {
 int docpipe_paged_decode_limits(int* max_group, int* max_dim) {
   *max_group = kMaxGroup;
   *max_dim = kMaxDim;
-  return 1;  // ABI version
+  return 2;  // ABI version: (dtype, kv_dtype, ...)
 }
 
-// dtype: 0 = float32, 1 = bfloat16. Pointers are to the first element of each tensor.
-void docpipe_paged_decode(int dtype, const void* q, int64_t q_row_stride, const void* k,
-                          const void* v, int64_t kv_head_stride, void* out,
-                          int64_t out_row_stride, const int64_t* rows, const int64_t* run_off,
-                          const int64_t* run_start, const int64_t* run_len, int64_t num_rows,
-                          int H, int Hkv, int D, float scale) {
-  if (dtype == 1) {
-    dispatch(static_cast<const uint16_t*>(q), q_row_stride, static_cast<const uint16_t*>(k),
-             static_cast<const uint16_t*>(v), kv_head_stride, static_cast<uint16_t*>(out),
-             out_row_stride, rows, run_off, run_start, run_len, num_rows, H, Hkv, D, scale);
-  } else {
-    dispatch(static_cast<const float*>(q), q_row_stride, static_cast<const float*>(k),
-             static_cast<const float*>(v), kv_head_stride, static_cast<float*>(out),
-             out_row_stride, rows, run_off, run_start, run_len, num_rows, H, Hkv, D, scale);
-  }
+// The path docpipe_paged_decode takes for these types and shape: 2 AVX-512 (registers),
+// 1 SIMD (AVX-512 or AVX2 + FMA, see docpipe_paged_decode_simd_width), 0 portable,
+// -1 not supported (the type pair, or G/D past the limits).
+int docpipe_paged_decode_path(int dtype, int kv_dtype, int G, int D) {
+  if (G < 1 || G > kMaxGroup || D < 1 || D > kMaxDim) return -1;
+  Path path;
+  if (dtype == 0 && kv_dtype == 0) pick<float, float>(G, D, &path);
+  else if (dtype == 1 && kv_dtype == 1) pick<uint16_t, uint16_t>(G, D, &path);
+  else if (dtype == 0 && kv_dtype == 1) pick<float, uint16_t>(G, D, &path);
+  else return -1;
+  return path;
+}
+
+// fp32 lanes of the SIMD path's vectors: 16 (AVX-512), 8 (AVX2 + FMA), 0 (not built).
+int docpipe_paged_decode_simd_width() {
+#if defined(__AVX512F__) || defined(DOCPIPE_AVX2)
+  return Simd::W;
+#else
+  return 0;
+#endif
+}
+
+// dtype: q/out, kv_dtype: the cache; 0 = float32, 1 = bfloat16. Pairs: (0, 0), (1, 1), (0, 1).
+// Pointers are to the first element of each tensor. Returns 1 when computed, 0 for a type
+// pair it does not take (nothing written).
+int docpipe_paged_decode(int dtype, int kv_dtype, const void* q, int64_t q_row_stride,
+                         const void* k, const void* v, int64_t kv_head_stride, void* out,
+                         int64_t out_row_stride, const int64_t* rows, const int64_t* run_off,
+                         const int64_t* run_start, const int64_t* run_len, int64_t num_rows,
+                         int H, int Hkv, int D, float scale) {
+  if (Hkv < 1 || H % Hkv != 0 || H / Hkv > kMaxGroup || D < 1 || D > kMaxDim) return 0;
+#define DOCPIPE_RUN(TQ, TK)                                                                  \
+  run(static_cast<const TQ*>(q), q_row_stride, static_cast<const TK*>(k),                    \
+      static_cast<const TK*>(v), kv_head_stride, static_cast<TQ*>(out), out_row_stride, rows, \
+      run_off, run_start, run_len, num_rows, H, Hkv, D, scale)
+  if (dtype == 0 && kv_dtype == 0) DOCPIPE_RUN(float, float);
+  else if (dtype == 1 && kv_dtype == 1) DOCPIPE_RUN(uint16_t, uint16_t);
+  else if (dtype == 0 && kv_dtype == 1) DOCPIPE_RUN(float, uint16_t);
+  else return 0;
+#undef DOCPIPE_RUN
+  return 1;
 }
 
 }  // extern "C"

@@ -12,6 +12,9 @@
 // vdpbf16ps over key pairs, V interleaved in pairs by one permute per 16 outputs. A row's
 // arithmetic depends only on its own keys and the tile grid from the group's first key, never
 // on the batch (batch invariance).
+//
+// Built by models/native.py into its own library (a compiler without AVX-512 BF16 support
+// fails only this one); docpipe_prefill_supported says what it computes.
 
 #include <cmath>
 #include <cstdint>
@@ -159,12 +162,13 @@ void prefill_block(const uint16_t* const* qrows, const int64_t* limit, int R, in
 
 extern "C" {
 
-// 1 when docpipe_prefill_attention computes bf16 groups of this head_dim and group size here.
-int docpipe_prefill_supported(int D, int G) {
+// 1 when docpipe_prefill_attention computes these types (0 = float32, 1 = bfloat16: q/out,
+// then the cache) and shape here: bf16 only, head_dim 64/128, up to 16 query heads per KV head.
+int docpipe_prefill_supported(int dtype, int kv_dtype, int D, int G) {
 #ifdef DOCPIPE_PREFILL
-  return (D == 64 || D == 128) && G >= 1 && G <= 16;
+  return dtype == 1 && kv_dtype == 1 && (D == 64 || D == 128) && G >= 1 && G <= 16;
 #else
-  (void)D; (void)G;
+  (void)dtype; (void)kv_dtype; (void)D; (void)G;
   return 0;
 #endif
 }
@@ -172,15 +176,15 @@ int docpipe_prefill_supported(int D, int G) {
 // Returns 1 when computed, 0 when this build or shape is not supported (the caller falls back).
 // Per group g: first batch row g_row0[g], g_nq[g] query rows, g_nk[g] keys in the runs
 // run_off[g] .. run_off[g + 1]. q/out rows: [H, D] at q_row_stride / out_row_stride.
-int docpipe_prefill_attention(int dtype, const void* q_, int64_t q_row_stride, const void* k_,
-                              const void* v_, int64_t kv_head_stride, void* out_,
+int docpipe_prefill_attention(int dtype, int kv_dtype, const void* q_, int64_t q_row_stride,
+                              const void* k_, const void* v_, int64_t kv_head_stride, void* out_,
                               int64_t out_row_stride, const int64_t* g_row0, const int64_t* g_nq,
                               const int64_t* g_nk, const int64_t* run_off,
                               const int64_t* run_start, const int64_t* run_len,
                               int64_t num_groups, int H, int Hkv, int D, float scale) {
 #ifdef DOCPIPE_PREFILL
+  if (Hkv < 1 || H % Hkv != 0 || !docpipe_prefill_supported(dtype, kv_dtype, D, H / Hkv)) return 0;
   const int G = H / Hkv;
-  if (dtype != 1 || (D != 64 && D != 128) || G > 16) return 0;
   const int positions = kMaxRows / G < 16 ? kMaxRows / G : 16;  // per block
   const auto* q = static_cast<const uint16_t*>(q_);
   const auto* k = static_cast<const uint16_t*>(k_);
@@ -224,7 +228,8 @@ int docpipe_prefill_attention(int dtype, const void* q_, int64_t q_row_stride, c
   }
   return 1;
 #else
-  (void)dtype; (void)q_; (void)q_row_stride; (void)k_; (void)v_; (void)kv_head_stride;
+  (void)dtype; (void)kv_dtype; (void)q_; (void)q_row_stride; (void)k_; (void)v_;
+  (void)kv_head_stride;
   (void)out_; (void)out_row_stride; (void)g_row0; (void)g_nq; (void)g_nk; (void)run_off;
   (void)run_start; (void)run_len; (void)num_groups; (void)H; (void)Hkv; (void)D; (void)scale;
   return 0;

@@ -2,8 +2,8 @@
 
 The fused elementwise kernels reproduce the torch ops' roundings, so in bf16 they must give the
 same bits (rarely one ulp apart: the sum of squares in RMSNorm is added in another order);
-in fp32 they agree to rounding. The decode-attention kernel is tested in
-tests/models/engine/test_paged_attention.py.
+in fp32 they agree to rounding. The attention kernels are tested in
+tests/models/engine/test_paged_attention.py; here also how the libraries are built.
 """
 
 import shutil
@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from models import native
+from models.cpu import LEVELS, cpu_info
 from models.layers import RMSNorm, apply_rotary, silu_mul
 
 
 @pytest.fixture
 def lib():
-    lib = native.library()
+    lib = native.elementwise(torch.zeros(1))
     if lib is None:
         assert shutil.which("g++") is None, "g++ is installed but the native kernels failed"
         pytest.skip("no C++ compiler: the native kernels are not built")
@@ -26,7 +27,7 @@ def lib():
 
 def _torch_path(monkeypatch, fn, *args):
     with monkeypatch.context() as m:
-        m.setattr(native, "library", lambda: None)
+        m.setattr(native, "library", lambda: {})
         return fn(*args)
 
 
@@ -76,11 +77,18 @@ def test_rotary(lib, monkeypatch, dtype, rows, heads, dim):
     _check(apply_rotary(x, cos, sin), _torch_path(monkeypatch, apply_rotary, x, cos, sin), dtype)
 
 
+def _accessors():
+    return [native.paged_decode(), native.elementwise(torch.zeros(1)),
+            native.prefill_attention(torch.float32, torch.float32, 64, 1),
+            native.prefill_attention(torch.bfloat16, torch.bfloat16, 64, 1)]
+
+
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("DOCPIPE_NATIVE", "0")
     native.library.cache_clear()
     try:
-        assert native.library() is None and native.paged_decode() is None
+        assert native.library() == {}
+        assert all(fn is None for fn in _accessors())
     finally:
         monkeypatch.delenv("DOCPIPE_NATIVE")
         native.library.cache_clear()
@@ -91,8 +99,106 @@ def test_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     native.library.cache_clear()
     try:
-        assert native.library() is None
+        assert native.library() == {}
+        assert all(fn is None for fn in _accessors())
         assert "pure-torch path" in caplog.text
+        for source in native.SOURCES:  # one warning per source, naming it
+            assert caplog.text.count(f"csrc/{source} failed") == 1
         assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written left
     finally:
+        native.library.cache_clear()
+
+
+def _compiler_or_skip():
+    if native.compiler() is None:
+        pytest.skip("no C++ compiler: the native kernels are not built")
+    return native.compiler()
+
+
+def test_one_failed_source_leaves_the_others(monkeypatch, tmp_path, caplog):
+    """A source that does not compile here (say, AVX-512 BF16 intrinsics on an old g++)
+    disables only its own kernels."""
+    cxx = _compiler_or_skip()
+    csrc = tmp_path / "csrc"
+    shutil.copytree(native.CSRC, csrc)
+    (csrc / "prefill_attention.cpp").write_text("#error this compiler cannot build it\n")
+    monkeypatch.setattr(native, "CSRC", csrc)  # the other sources: the same cache entries
+    native.library.cache_clear()
+    try:
+        assert sorted(native.library()) == sorted(set(native.SOURCES) - {"prefill_attention.cpp"})
+        assert "csrc/prefill_attention.cpp failed" in caplog.text
+        assert "this compiler cannot build it" in caplog.text
+        assert "bf16 prefill attention uses the slower pure-torch path" in caplog.text
+        assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+        assert native.prefill_attention(torch.bfloat16, torch.bfloat16, 64, 1) is None
+        assert native.paged_decode() is not None and native.elementwise(torch.zeros(1)) is not None
+        assert not native._target("prefill_attention.cpp", cxx).exists()
+    finally:
+        native.library.cache_clear()
+
+
+def test_each_source_is_cached_per_cpu_level(monkeypatch):
+    """DOCPIPE_CPU_ISA=avx2 builds -march=x86-64-v3 libraries, one per source, cached under
+    other names than this CPU's own (the key covers the flags and cpu_info().key()); loading
+    again rebuilds nothing."""
+    cxx = _compiler_or_skip()
+    info = cpu_info()
+    if not info.is_x86 or LEVELS.index(info.detected_level) < LEVELS.index("avx2"):
+        pytest.skip("not an x86 CPU with AVX2 + FMA")
+    if info.detected_level == "avx2":
+        pytest.skip("this CPU's own build is the x86-64-v3 one")
+    targets = {}
+    try:
+        for level, march in (("native", "native"), ("avx2", "x86-64-v3")):
+            monkeypatch.setenv("DOCPIPE_CPU_ISA", level)
+            cpu_info.cache_clear()
+            native.library.cache_clear()
+            assert native.flags()[-1] == f"-march={march}"
+            assert sorted(native.library()) == sorted(native.SOURCES)
+            targets[level] = {native._target(s, cxx) for s in native.SOURCES}
+            assert len(targets[level]) == len(native.SOURCES)
+            assert all(t.exists() for t in targets[level])
+            before = {t: t.stat().st_mtime_ns for t in targets[level]}
+            native.library.cache_clear()
+            assert sorted(native.library()) == sorted(native.SOURCES)
+            assert {t: t.stat().st_mtime_ns for t in targets[level]} == before
+        assert targets["native"].isdisjoint(targets["avx2"])
+    finally:
+        monkeypatch.delenv("DOCPIPE_CPU_ISA")
+        cpu_info.cache_clear()
+        native.library.cache_clear()
+
+
+def test_baseline_build_takes_the_portable_paths(monkeypatch):
+    """DOCPIPE_CPU_ISA=baseline builds every source for x86-64-v2: decode by its portable
+    path (the same values), no SIMD prefill."""
+    _compiler_or_skip()
+    if not cpu_info().is_x86:
+        pytest.skip("not an x86 CPU")
+    g = torch.Generator().manual_seed(7)
+    H, Hkv, D, ctx = 9, 3, 64, 45
+    q = torch.randn(2, H, D, generator=g)
+    k, v = torch.randn(2, Hkv, ctx, D, generator=g).unbind(0)
+    tables = [torch.tensor(t, dtype=torch.int64) for t in ([1], [0, 1], [0], [ctx])]
+    try:
+        monkeypatch.setenv("DOCPIPE_CPU_ISA", "baseline")
+        cpu_info.cache_clear()
+        native.library.cache_clear()
+        assert native.flags()[-1] == "-march=x86-64-v2"
+        assert sorted(native.library()) == sorted(native.SOURCES)
+        assert native.decode_simd_width() == 0
+        assert native.decode_path(torch.float32, torch.bfloat16, 3, 64) == "portable"
+        assert native.prefill_attention(torch.float32, torch.float32, 64, 3) is None
+        assert native.prefill_attention(torch.bfloat16, torch.bfloat16, 64, 3) is None
+        out = torch.zeros_like(q)
+        assert native.paged_decode()(0, 0, q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(),
+                                     k.stride(0), out.data_ptr(), out.stride(0),
+                                     *(t.data_ptr() for t in tables), 1, H, Hkv, D, D**-0.5)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[1].view(1, Hkv, H // Hkv, D), k.unsqueeze(0), v.unsqueeze(0)).view(H, D)
+        torch.testing.assert_close(out[1], want, atol=1e-5, rtol=1e-5)
+        assert not out[0].any()  # only the rows asked for are written
+    finally:
+        monkeypatch.delenv("DOCPIPE_CPU_ISA")
+        cpu_info.cache_clear()
         native.library.cache_clear()

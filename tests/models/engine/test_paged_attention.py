@@ -1,4 +1,7 @@
-"""Paged attention against a slow reference that gathers K/V slot by slot and applies masks."""
+"""Paged attention against a slow reference that gathers K/V slot by slot and applies masks,
+and the native attention kernels against the pure-torch path, for each (compute, KV cache)
+dtype pair, built for this CPU and for x86-64-v3 (their AVX2 paths, tested on any x86 CPU
+that has AVX2)."""
 
 import math
 import shutil
@@ -9,6 +12,7 @@ import torch
 from models import native
 from models.attention import Attention, AttentionMetadata, SeqSpan
 from models.config import tiny_config
+from models.cpu import LEVELS, cpu_info
 from models.layers import RotaryEmbedding, apply_rotary
 
 BLOCK = 4
@@ -22,7 +26,7 @@ class CountingKernel:
         self.max_dim, self.max_group = kernel.max_dim, kernel.max_group
 
     def __call__(self, *args):
-        self.rows += args[12]
+        self.rows += args[13]
         return self.kernel(*args)
 
 
@@ -143,21 +147,64 @@ def test_paged_attention_matches_reference(num_kv_heads, window, consecutive, al
 def _llama_layer(heads, kv_heads, dim, dtype, g):
     """An attention layer of the given head shape, random weights drawn from `g`, in `dtype`."""
     config = tiny_config("llama", num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         head_dim=dim, hidden_size=heads * dim)
+                         head_dim=dim, hidden_size=min(heads * dim, 256))
     attn = Attention(config, 0)
     for p in attn.parameters():
         p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return config, attn.to(dtype)
 
 
-def _decode_batch(dtype, num_kv_heads=3, heads=9, dim=64, seed=3):
+def _reset_kernels():
+    cpu_info.cache_clear()
+    native.library.cache_clear()
+
+
+@pytest.fixture(params=["native", "x86-64-v3"])
+def isa(request):
+    """The kernels built for this CPU, or for x86-64-v3 (DOCPIPE_CPU_ISA=avx2, the build an
+    AVX2 + FMA machine gets), so an AVX-512 machine tests the AVX2 paths too."""
+    if request.param == "x86-64-v3":
+        info = cpu_info()
+        if not info.is_x86 or LEVELS.index(info.detected_level) < LEVELS.index("avx2"):
+            pytest.skip("not an x86 CPU with AVX2 + FMA")
+        if info.level == "avx2":
+            pytest.skip("the native build is already the x86-64-v3 one")
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "x86-64-v3":
+            mp.setenv("DOCPIPE_CPU_ISA", "avx2")
+        _reset_kernels()
+        try:
+            if native.paged_decode() is None:
+                # The kernels must build wherever a compiler is installed (CI has g++).
+                assert shutil.which("g++") is None, "g++ is installed but the native kernel failed"
+                pytest.skip("no C++ compiler: the native kernels are not built")
+            if request.param == "x86-64-v3":
+                assert native.flags()[-1] == "-march=x86-64-v3"
+                assert native.decode_simd_width() == 8, "the x86-64-v3 build has no AVX2 path"
+            yield request.param
+        finally:
+            mp.undo()
+            _reset_kernels()
+
+
+# (compute dtype, KV cache dtype)
+DTYPE_PAIRS = [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+               (torch.float32, torch.bfloat16)]
+PAIR_IDS = ["bf16", "fp32", "fp32-bf16kv"]
+
+
+def _tolerance(dtype):
+    return 2e-2 if dtype == torch.bfloat16 else 1e-5
+
+
+def _decode_batch(dtype, kv_dtype, num_kv_heads=3, heads=9, dim=64, seed=3):
     """A layer and a decode step over sequences of different lengths, some of them in several
-    runs of slots, in a cache of `dtype`."""
+    runs of slots, in a cache of `kv_dtype`."""
     g = torch.Generator().manual_seed(seed)
     config, attn = _llama_layer(heads, num_kv_heads, dim, dtype, g)
     num_slots = 4096
-    k_cache = torch.randn(num_kv_heads, num_slots, dim, generator=g).to(dtype)
-    v_cache = torch.randn(num_kv_heads, num_slots, dim, generator=g).to(dtype)
+    k_cache = torch.randn(num_kv_heads, num_slots, dim, generator=g).to(kv_dtype)
+    v_cache = torch.randn(num_kv_heads, num_slots, dim, generator=g).to(kv_dtype)
     spans, slots, positions, start = [], [], [], 0
     for row, ctx in enumerate([1, 17, 300, 1029, 64]):
         # the first half of the keys in one run, the rest in another further on
@@ -173,23 +220,32 @@ def _decode_batch(dtype, num_kv_heads=3, heads=9, dim=64, seed=3):
     return attn, x, cos, sin, spans, torch.tensor(slots), (k_cache, v_cache)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (8, 1, 64), (6, 2, 32)],
-                         ids=["gqa-64", "mha-128", "mqa-64", "gqa-32"])
-def test_native_decode_matches_torch_path_and_is_batch_invariant(dtype, heads, kv_heads, dim,
+@pytest.mark.parametrize("dtype,kv_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("heads,kv_heads,dim",
+                         [(9, 3, 64), (4, 4, 128), (8, 1, 64), (4, 1, 256), (16, 1, 128),
+                          (32, 2, 256), (6, 2, 32)],
+                         ids=["gqa-64", "mha-128", "mqa8-64", "gemma-256", "mqa16-128",
+                              "gqa16-256", "gqa-32"])
+def test_native_decode_matches_torch_path_and_is_batch_invariant(dtype, kv_dtype, heads,
+                                                                 kv_heads, dim, isa,
                                                                  monkeypatch):
-    """Head shapes of the vectorised path (head_dim 64/128, up to 8 query heads per KV head)
-    and of the portable one (head_dim 32)."""
+    """Head shapes of the vectorised paths (head_dim 64/128/256, up to 16 query heads per KV
+    head) and of the portable one (head_dim 32)."""
     kernel = native.paged_decode()
-    if kernel is None:
-        assert shutil.which("g++") is None, "g++ is installed but the native kernel failed"
-        pytest.skip("no C++ compiler: the native decode kernel is not built")
-    attn, x, cos, sin, spans, slots, cache = _decode_batch(dtype, kv_heads, heads, dim)
+    group = heads // kv_heads
+    path = native.decode_path(dtype, kv_dtype, group, dim)
+    if dim == 32:
+        assert path == "portable"
+    elif isa == "x86-64-v3":
+        assert path == "simd"
+    elif native.decode_simd_width():
+        assert path in ("avx512", "simd")
+    attn, x, cos, sin, spans, slots, cache = _decode_batch(dtype, kv_dtype, kv_heads, heads, dim)
     got = attn(x, cos, sin, AttentionMetadata(spans, slots, align=512), cache)
     with monkeypatch.context() as m:
         m.setattr(native, "paged_decode", lambda: None)
         want = attn(x, cos, sin, AttentionMetadata(spans, slots, align=512), cache)
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    tol = _tolerance(dtype)
     scale = want.abs().max().item()
     torch.testing.assert_close(got.float(), want.float(), atol=tol * scale, rtol=tol)
     # The kernel's output for a row is the same bits alone as in the batch (called directly:
@@ -198,23 +254,32 @@ def test_native_decode_matches_torch_path_and_is_batch_invariant(dtype, heads, k
     q = torch.randn(len(spans), H, D, generator=torch.Generator().manual_seed(4)).to(dtype)
     batch = torch.empty_like(q)
     meta = AttentionMetadata(spans, slots, align=512)
-    attn._native_call(kernel, q, cache, batch, meta.native_plan(None, q.device, False).decode)
+    assert attn._native_call(kernel, q, cache, batch, meta.native_plan(None, q.device, False).decode)
     for i, span in enumerate(spans):
         alone = AttentionMetadata([SeqSpan(0, 1, span.context_len, 0, span.kv_slots, 1)],
                                   slots[i : i + 1], align=512)
         one = torch.empty_like(q[i : i + 1])
-        attn._native_call(kernel, q[i : i + 1], cache, one,
-                          alone.native_plan(None, q.device, False).decode)
+        assert attn._native_call(kernel, q[i : i + 1], cache, one,
+                                 alone.native_plan(None, q.device, False).decode)
         assert torch.equal(one[0], batch[i]), f"row {i} depends on the batch"
 
 
-def _prefill_batch(heads, kv_heads, dim, seed=5):
-    """A bf16 layer and a step mixing fresh prompts, prompts after cached keys (in two runs of
+def test_native_decode_uses_the_avx512_path_where_built():
+    if native.paged_decode() is None or native.decode_simd_width() != 16:
+        pytest.skip("this CPU or build has no AVX-512 decode path")
+    for dtype, kv_dtype in DTYPE_PAIRS:
+        assert native.decode_path(dtype, kv_dtype, 3, 64) == "avx512"
+        assert native.decode_path(dtype, kv_dtype, 16, 256) == "simd"  # 16 lanes here
+    assert native.decode_path(torch.bfloat16, torch.float32, 3, 64) is None  # not a pair it takes
+
+
+def _prefill_batch(heads, kv_heads, dim, dtype, kv_dtype, seed=5):
+    """A layer and a step mixing fresh prompts, prompts after cached keys (in two runs of
     slots), and decodes; block size 16, lengths not multiples of it."""
     g = torch.Generator().manual_seed(seed)
-    config, attn = _llama_layer(heads, kv_heads, dim, torch.bfloat16, g)
-    k_cache = torch.randn(kv_heads, 8192, dim, generator=g).bfloat16()
-    v_cache = torch.randn(kv_heads, 8192, dim, generator=g).bfloat16()
+    config, attn = _llama_layer(heads, kv_heads, dim, dtype, g)
+    k_cache = torch.randn(kv_heads, 8192, dim, generator=g).to(kv_dtype)
+    v_cache = torch.randn(kv_heads, 8192, dim, generator=g).to(kv_dtype)
     # (cached, new, prompt_len); slots: [cached + new] in one run from `start`, or split in two
     cases = [(0, 37, 37), (0, 1, 1), (100, 60, 300), (517, 300, 900), (40, 1, 30), (0, 130, 130)]
     spans, slots, positions, row, start = [], [], [], 0, 0
@@ -229,32 +294,41 @@ def _prefill_batch(heads, kv_heads, dim, seed=5):
         positions.append(torch.arange(cached, ctx))
         row += new
         start += half + 16
-    x = torch.randn(row, config.hidden_size, generator=g).bfloat16()
+    x = torch.randn(row, config.hidden_size, generator=g).to(dtype)
     pos = torch.cat(positions)
-    cos, sin = RotaryEmbedding(config).cos_sin(pos, torch.bfloat16)
+    cos, sin = RotaryEmbedding(config).cos_sin(pos, dtype)
     return attn, x, cos, sin, spans, torch.cat(slots), (k_cache, v_cache)
 
 
 @pytest.mark.parametrize("align", [None, 256], ids=["one-call", "aligned-groups"])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (8, 1, 64)],
-                         ids=["gqa-64", "mha-128", "mqa-64"])
-def test_native_prefill_matches_torch_path_and_is_batch_invariant(heads, kv_heads, dim, align,
+@pytest.mark.parametrize("dtype,kv_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("heads,kv_heads,dim",
+                         [(9, 3, 64), (4, 4, 128), (8, 1, 64), (4, 1, 256), (16, 1, 128)],
+                         ids=["gqa-64", "mha-128", "mqa8-64", "gemma-256", "mqa16-128"])
+def test_native_prefill_matches_torch_path_and_is_batch_invariant(heads, kv_heads, dim, dtype,
+                                                                  kv_dtype, align, isa,
                                                                   monkeypatch):
-    kernel = native.prefill_attention(torch.bfloat16, dim, heads // kv_heads)
+    kernel = native.prefill_attention(dtype, kv_dtype, dim, heads // kv_heads)
     if kernel is None:
-        pytest.skip("this CPU or build has no native bf16 prefill kernel (needs AVX-512 BF16)")
-    attn, x, cos, sin, spans, slots, cache = _prefill_batch(heads, kv_heads, dim)
+        if dtype == torch.bfloat16:
+            pytest.skip("this CPU or build has no native bf16 prefill kernel (needs AVX-512 "
+                        "BF16, and head_dim 64/128)")
+        # fp32 prefill runs on AVX2 + FMA and AVX-512: any x86-64-v3 CPU has it
+        assert not cpu_info().is_x86 or cpu_info().level == "baseline", "no fp32 prefill kernel"
+        pytest.skip("no fp32 prefill kernel on this CPU (needs AVX2 + FMA)")
+    attn, x, cos, sin, spans, slots, cache = _prefill_batch(heads, kv_heads, dim, dtype, kv_dtype)
     caches = [tuple(c.clone() for c in cache) for _ in range(2)]
     got = attn(x, cos, sin, AttentionMetadata(spans, slots, align), caches[0])
     with monkeypatch.context() as m:
         m.setattr(native, "prefill_attention", lambda *a: None)
         want = attn(x, cos, sin, AttentionMetadata(spans, slots, align), caches[1])
+    tol = _tolerance(dtype)
     scale = want.float().abs().max().item()
-    torch.testing.assert_close(got.float(), want.float(), atol=2e-2 * scale, rtol=2e-2)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol * scale, rtol=tol)
     # The kernel's rows (called directly, on the cache the layer wrote) are the same bits
     # alone as in the batch.
     H, D = attn.num_heads, attn.head_dim
-    q = torch.randn(len(x), H, D, generator=torch.Generator().manual_seed(6)).bfloat16()
+    q = torch.randn(len(x), H, D, generator=torch.Generator().manual_seed(6)).to(dtype)
     meta = AttentionMetadata(spans, slots, align)
     plan = meta.native_plan(None, q.device, True)
     assert len(plan.prefill[0]) >= 4, "the step should hold several prefill groups"
