@@ -63,6 +63,13 @@ class RMSNorm(nn.Module):
 # so a row's value can depend on how many rows share the call. Batch-invariant runs reduce
 # long K in fixed slices and sum the slices in fp32 instead.
 INVARIANT_MAX_K = 1024
+# MKL's fp32 GEMM (PyTorch's CPU path for fp32) computes rows in groups of 4: a row in a
+# partial group at the end of a call (and a call of 1-3 rows: gemv and its kin) is computed
+# another way, so its value depends on the call's row count. In whole groups every row has the
+# same value whatever the row count or its position (measured for every SmolLM2 shape, up to
+# 1024 rows, natively and under AVX2 emulation). Batch-invariant fp32 runs pad the rows to a
+# multiple of this with zero rows.
+INVARIANT_ROW_GROUP = 4
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -70,6 +77,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear(x, weight, bias)`; with fixed_k, rows that do not depend on x's row count
     (batch-invariant runs, see above)."""
     k = weight.shape[1]
+    if fixed_k and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and (
+            x.shape[0] % INVARIANT_ROW_GROUP):
+        rows = x.shape[0]
+        padded = torch.zeros(-(-rows // INVARIANT_ROW_GROUP) * INVARIANT_ROW_GROUP, k,
+                             dtype=x.dtype)
+        padded[:rows] = x
+        return F.linear(padded, weight, bias)[:rows]
     if not fixed_k or k <= INVARIANT_MAX_K or x.device.type != "cpu" or x.dtype == torch.float32:
         return F.linear(x, weight, bias)
     parts = -(-k // INVARIANT_MAX_K)
@@ -122,9 +136,11 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def _rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies for the rotary dims, with llama3/linear scaling applied."""
+    """Inverse frequencies for the rotary dims, with llama3/linear scaling applied; computed
+    in fp32 as the reference computes them (fp64 gives other last bits: 1 ulp on 1/3 of
+    SmolLM2's frequencies, enough to change 486 of its 164K bf16 cos/sin values at 1.5K-4K)."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
