@@ -72,6 +72,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str | None, Any]]] = {
         "address": (_STR, "address", None),
         "use_ray": (_BOOL, "use_ray", None),
         "max_inflight_docs": (_INT, "max_inflight_docs", None),
+        "restart_timeout_s": (_FLOAT, "restart_timeout_s", None),
     },
     "schedule": {"cron": (_STR, None, None), "missed": (_STR, None, "skip"),
                  "timezone": (_STR, None, "UTC")},

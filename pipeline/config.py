@@ -40,6 +40,9 @@ class RunConfig:
     address: str | None = None
     use_ray: bool = True
     max_inflight_docs: int = 16
+    # A replica restarted after a failure must answer within this many seconds (model load
+    # included), else the run fails naming the replica (workers.pool.ReplicaStartTimeout).
+    restart_timeout_s: float = 600.0
     # engine
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -78,6 +81,8 @@ class RunConfig:
             raise ValueError(f"num_gpus={self.num_gpus}: must be >= 0")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature}: must be >= 0")
+        if not self.restart_timeout_s > 0:
+            raise ValueError(f"restart_timeout_s={self.restart_timeout_s}: must be > 0 (seconds)")
 
     # Fields that change what the model is asked or how it answers.
     OUTPUT_FIELDS = ("model", "dtype", "strategy", "encoding", "chunk_tokens", "overlap",

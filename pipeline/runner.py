@@ -317,13 +317,24 @@ class PipelineRunner:
     def _fail(self, state: _DocState, message: str, write) -> None:
         key = state.strategy.doc_key
         self._active.pop(key, None)
-        for rid in [r for r, (k, _) in self._requests.items() if k == key]:
+        orphans = [r for r, (k, _) in self._requests.items() if k == key]
+        for rid in orphans:
             self._requests.pop(rid)
+        abort = getattr(self.pool, "abort", None)
+        if abort is not None and orphans:
+            abort(orphans)  # the replicas stop work nobody will read
+        self._release(key)
         self._write_error(state.doc, message, write)
+
+    def _release(self, key: str) -> None:
+        release = getattr(self.pool, "release", None)
+        if release is not None:
+            release(key)
 
     def _finish(self, state: _DocState, write) -> None:
         st = state.strategy
         self._active.pop(st.doc_key, None)
+        self._release(st.doc_key)
         chunks = [
             dict(index=c.index, token_start=c.token_start, token_end=c.token_end,
                  char_start=c.char_start, char_end=c.char_end, output=st.chunk_outputs[c.index])

@@ -87,7 +87,7 @@ def open_pool(config: RunConfig, engine=None):
 
     spec = engine_spec(config)
     if engine is not None or not config.use_ray:
-        pool = LocalPool(spec, engine=engine)
+        pool = LocalPool(spec, engine=engine, restart_timeout_s=config.restart_timeout_s)
     else:
         try:
             init_ray(config.address)
@@ -98,7 +98,8 @@ def open_pool(config: RunConfig, engine=None):
 
         total_cpus = ray.cluster_resources().get("CPU", 1)
         cpus = max(1.0, min(float(spec.num_threads or 1), total_cpus / config.workers))
-        pool = RayPool(spec, num_replicas=config.workers, num_cpus=cpus, num_gpus=config.num_gpus)
+        pool = RayPool(spec, num_replicas=config.workers, num_cpus=cpus, num_gpus=config.num_gpus,
+                       restart_timeout_s=config.restart_timeout_s)
     try:
         yield pool
     finally:

@@ -12,6 +12,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +28,8 @@ class EngineSpec:
     device: str | None = None  # None: cuda when visible, else cpu
     num_threads: int | None = None  # torch intra-op threads on CPU
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
+    # Called with each engine a replica builds (fault drills in tests; travels with the spec).
+    engine_hook: Callable[[Any], None] | None = None
 
 
 @dataclass(slots=True)
@@ -55,6 +58,19 @@ class WorkResult:
         return asdict(self)
 
 
+class EngineFailed(RuntimeError):
+    """The replica's engine thread raised: the replica must be rebuilt. `cause` is one line."""
+
+    def __init__(self, replica: int, cause: str, detail: str = "") -> None:
+        super().__init__(f"replica {replica} engine failed: {cause}\n{detail}".rstrip())
+        self.replica = replica
+        self.cause = cause
+        self.detail = detail
+
+    def __reduce__(self):  # picklable (it crosses from an actor to the driver)
+        return (EngineFailed, (self.replica, self.cause, self.detail))
+
+
 def build_engine(spec: EngineSpec):
     import torch
 
@@ -73,13 +89,16 @@ class EngineHost:
         self.replica = replica
         if engine is None:
             engine, _ = build_engine(spec)
+        if spec.engine_hook is not None:
+            spec.engine_hook(engine)
         self.engine = engine
         self._intake: deque[WorkRequest] = deque()
         self._done: list[WorkResult] = []
         self._aborts: list[str] = []
         self._cond = threading.Condition()
         self._stop = False
-        self._error: str | None = None
+        self._error: str | None = None  # traceback of the engine thread's failure
+        self._cause: str | None = None  # its last line
         self._submitted_at: dict[str, float] = {}
         self._thread = threading.Thread(target=self._loop, name=f"engine-{replica}", daemon=True)
         self._thread.start()
@@ -88,7 +107,7 @@ class EngineHost:
     def submit(self, requests: list[WorkRequest]) -> None:
         with self._cond:
             if self._error:
-                raise RuntimeError(f"replica {self.replica} engine failed: {self._error}")
+                raise EngineFailed(self.replica, self._cause, self._error)
             self._intake.extend(requests)
             self._cond.notify_all()
 
@@ -102,7 +121,7 @@ class EngineHost:
                     break
                 self._cond.wait(left)
             if self._error and not self._done:
-                raise RuntimeError(f"replica {self.replica} engine failed: {self._error}")
+                raise EngineFailed(self.replica, self._cause, self._error)
             done, self._done = self._done, []
             return done
 
@@ -116,6 +135,10 @@ class EngineHost:
         with self._cond:
             self._aborts.extend(request_ids)
             self._cond.notify_all()
+
+    @property
+    def is_failed(self) -> bool:
+        return self._error is not None
 
     def shutdown(self) -> None:
         with self._cond:
@@ -173,8 +196,9 @@ class EngineHost:
                     with self._cond:
                         self._done.extend(done)
                         self._cond.notify_all()
-        except Exception:  # a bug or OOM in the engine: report it to every client call
-            self._error = traceback.format_exc(limit=5)
-            logger.error("replica %d engine failed:\n%s", self.replica, self._error)
+        except Exception as exc:  # a bug or OOM in the engine: report it to every client call
             with self._cond:
+                self._cause = (f"{type(exc).__name__}: {exc}".splitlines() or ["?"])[0][:500]
+                self._error = traceback.format_exc(limit=5)
                 self._cond.notify_all()
+            logger.error("replica %d engine failed:\n%s", self.replica, self._error)

@@ -1,9 +1,12 @@
 """Model replicas behind one interface: `submit(requests)`, `results()`, `stats()`, `close()`.
 
 `LocalPool` runs one engine in this process (tests, single-machine runs without Ray).
-`RayPool` runs one `EngineActor` per replica (`num_gpus` each on GPU clusters), routes each
-document to one replica, and replaces a replica whose process dies, resubmitting the requests
-it held so the run completes; `num_restarts` counts those events.
+`RayPool` runs one `EngineActor` per replica (`num_gpus` each on GPU clusters) and routes each
+document to one replica. Both replace a replica that fails (its process dies, or its engine
+thread raises) and resubmit the requests it held; a request blamed for `max_attempts`
+failures comes back as an error result instead (`workers.faults`), so one poison request
+fails its document, not the run. `num_restarts` counts the restarts; a restart that does not
+come up within `restart_timeout_s` raises `ReplicaStartTimeout`.
 """
 
 from __future__ import annotations
@@ -13,34 +16,172 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from workers.host import EngineHost, EngineSpec, WorkRequest, WorkResult
+from workers.faults import MAX_ATTEMPTS, RequestFaults
+from workers.host import EngineFailed, EngineHost, EngineSpec, WorkRequest, WorkResult
 from workers.router import Router
 
 logger = logging.getLogger(__name__)
 
+# How long a restarted replica may take to load its model and answer before the pool gives up.
+RESTART_TIMEOUT_S = 600.0
 
-class LocalPool:
-    def __init__(self, spec: EngineSpec, engine=None) -> None:
-        self.host = EngineHost(spec, replica=0, engine=engine)
-        self.num_replicas = 1
+
+class ReplicaStartTimeout(RuntimeError):
+    pass
+
+
+class _Replicas:
+    """What both pools share: routing, the requests each replica holds, faults, aborts.
+
+    `inflight[i]` holds every request routed to replica i and not yet finished (sent, or
+    queued on probation in `faults`). A failed replica is restarted (`_restart_replica`) and
+    `faults` decides which of its requests are resubmitted and which come back as poison.
+    Subclasses send with `_send(i, reqs)` and abort with `_abort_on(i, ids)`."""
+
+    def _init_replicas(self, num_replicas: int, max_attempts: int, restart_timeout_s: float) -> None:
+        self.num_replicas = num_replicas
         self.num_restarts = 0
         self.num_retried_requests = 0
-        self.num_inflight = 0
-        self.key_to_replica: dict[str, int] = {}
+        self.restart_timeout_s = restart_timeout_s
+        self.router = Router(num_replicas)
+        self.faults = RequestFaults(num_replicas, max_attempts)
+        self.inflight: list[dict[str, WorkRequest]] = [{} for _ in range(num_replicas)]
+        self._poisoned: list[WorkResult] = []  # given up on, returned by the next results()
+
+    @property
+    def num_inflight(self) -> int:
+        return sum(len(m) for m in self.inflight) + len(self._poisoned)
+
+    @property
+    def key_to_replica(self) -> dict[str, int]:
+        return self.router.key_to_replica
 
     def submit(self, requests: list[WorkRequest]) -> None:
+        by_replica: dict[int, list[WorkRequest]] = {}
         for r in requests:
-            self.key_to_replica[r.routing_key] = 0
-        self.num_inflight += len(requests)
-        self.host.submit(requests)
+            i = self.router.route(r.routing_key, len(r.prompt_token_ids))
+            self.inflight[i][r.request_id] = r
+            by_replica.setdefault(i, []).append(r)
+        for i, reqs in by_replica.items():
+            self._send_now(i, reqs)
+
+    def _send_now(self, i: int, reqs: list[WorkRequest]) -> None:
+        now = self.faults.to_send(i, reqs)
+        if now:
+            self._send(i, now)
+
+    def _finished(self, i: int, res: WorkResult) -> bool:
+        """Book a result from replica i; False for one it no longer holds (a duplicate from
+        before a restart, or an aborted request)."""
+        req = self.inflight[i].pop(res.request_id, None)
+        if req is None:
+            return False
+        self.router.complete(req.routing_key, i, len(req.prompt_token_ids))
+        nxt = self.faults.finished(i, res.request_id)
+        if nxt:
+            self._send(i, nxt)
+        return True
+
+    def _replica_failed(self, i: int, cause: str) -> None:
+        """Restart replica i, resubmit what it held, give up on poison requests."""
+        held = list(self.inflight[i].values())
+        logger.warning("replica %d failed (%s); restarting it, %d requests held", i, cause, len(held))
+        self.num_restarts += 1
+        self._restart_replica(i)
+        self.router.reassign(i)
+        for r in held:
+            self.router.outstanding_tokens[i] += len(r.prompt_token_ids)
+        retry, poisoned = self.faults.failed(i, held, cause)
+        for res in poisoned:
+            logger.error("request %s: %s", res.request_id, res.error)
+            req = self.inflight[i].pop(res.request_id)
+            self.router.complete(req.routing_key, i, len(req.prompt_token_ids))
+            self._poisoned.append(res)
+        self.num_retried_requests += len(retry)
+        self._send_now(i, retry)  # with an empty list, still starts the next queued suspect
+
+    def _take_poisoned(self) -> list[WorkResult]:
+        out, self._poisoned = self._poisoned, []
+        return out
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Stop requests whose results are no longer wanted (their document failed)."""
+        wanted = set(request_ids)
+        for i in range(self.num_replicas):
+            ids = [rid for rid in self.inflight[i] if rid in wanted]
+            if not ids:
+                continue
+            for rid in ids:
+                req = self.inflight[i].pop(rid)
+                self.router.complete(req.routing_key, i, len(req.prompt_token_ids))
+            self._abort_on(i, ids)
+            nxt = self.faults.forget(i, set(ids))
+            if nxt:
+                self._send(i, nxt)
+
+    def release(self, routing_key: str) -> None:
+        """A document is done: forget its routing (the router's maps stay bounded)."""
+        self.router.release(routing_key)
+
+
+class LocalPool(_Replicas):
+    """One engine in this process. An engine failure rebuilds the engine (from `spec`)."""
+
+    def __init__(self, spec: EngineSpec, engine=None, max_attempts: int = MAX_ATTEMPTS,
+                 restart_timeout_s: float = RESTART_TIMEOUT_S) -> None:
+        self.spec = spec
+        self._init_replicas(1, max_attempts, restart_timeout_s)
+        self.host = EngineHost(spec, replica=0, engine=engine)
+
+    def _send(self, i: int, reqs: list[WorkRequest]) -> None:
+        try:
+            self.host.submit(reqs)
+        except EngineFailed:
+            pass  # they are held in `inflight`; the next results() restarts the engine
+
+    def _abort_on(self, i: int, ids: list[str]) -> None:
+        self.host.abort(ids)
+
+    def _restart_replica(self, i: int) -> None:
+        import threading
+
+        self.host.shutdown()
+        box: dict[str, Any] = {}
+
+        def build() -> None:
+            try:
+                box["host"] = EngineHost(self.spec, replica=0)
+            except BaseException as exc:  # reported below
+                box["error"] = exc
+
+        t = threading.Thread(target=build, name="engine-rebuild", daemon=True)
+        t.start()
+        t.join(self.restart_timeout_s)
+        if t.is_alive():
+            raise ReplicaStartTimeout(
+                f"replica 0 did not come up within {self.restart_timeout_s:g} s after its engine "
+                f"failed (restart_timeout_s); check the model and the machine's memory")
+        if "error" in box:
+            raise RuntimeError(f"replica 0 could not be rebuilt: {box['error']}") from box["error"]
+        self.host = box["host"]
 
     def results(self, timeout: float = 1.0) -> list[WorkResult]:
-        done = self.host.collect(timeout)
-        self.num_inflight -= len(done)
-        return done
+        done = self._take_poisoned()
+        if not self.inflight[0]:
+            if not done:
+                time.sleep(min(timeout, 0.05))
+            return done
+        try:
+            got = self.host.collect(timeout)
+        except EngineFailed as exc:
+            self._replica_failed(0, exc.cause)
+            return done + self._take_poisoned()
+        return done + [r for r in got if self._finished(0, r)]
 
     def stats(self) -> list[dict[str, Any]]:
-        return [self.host.stats()]
+        stats = self.host.stats()
+        stats["num_retried_requests"] = self.num_retried_requests
+        return [stats]
 
     def close(self) -> None:
         self.host.shutdown()
@@ -84,22 +225,21 @@ def _actor_class():
         def stats(self) -> dict[str, Any]:
             return self.host.stats()
 
+        def abort(self, request_ids: list[str]) -> None:
+            self.host.abort(request_ids)
+
     return EngineActor
 
 
-class RayPool:
+class RayPool(_Replicas):
     def __init__(self, spec: EngineSpec, num_replicas: int = 1, num_cpus: float = 1,
-                 num_gpus: float = 0, max_restarts: int = 3) -> None:
+                 num_gpus: float = 0, max_attempts: int = MAX_ATTEMPTS,
+                 restart_timeout_s: float = RESTART_TIMEOUT_S) -> None:
         import ray
 
         self.spec = spec
-        self.num_replicas = num_replicas
         self.options = dict(num_cpus=num_cpus, num_gpus=num_gpus)
-        self.max_restarts = max_restarts
-        self.num_restarts = 0
-        self.num_retried_requests = 0
-        self.router = Router(num_replicas)
-        self.inflight: list[dict[str, WorkRequest]] = [{} for _ in range(num_replicas)]
+        self._init_replicas(num_replicas, max_attempts, restart_timeout_s)
         self.actors = [self._start(i) for i in range(num_replicas)]
         self.pending: dict[Any, int] = {}  # collect() future -> replica
         self.tasks: dict[Any, Any] = {}  # submit_task() future -> tag
@@ -109,73 +249,63 @@ class RayPool:
     def _start(self, replica: int):
         return _actor_class().options(**self.options).remote(self.spec, replica)
 
-    @property
-    def num_inflight(self) -> int:
-        return sum(len(m) for m in self.inflight)
+    def _send(self, i: int, reqs: list[WorkRequest]) -> None:
+        # Fire and forget: if the replica is dead or its engine failed, the next collect says
+        # so and the restart resubmits everything `inflight[i]` holds.
+        self.actors[i].submit.remote(reqs)
 
-    @property
-    def key_to_replica(self) -> dict[str, int]:
-        return self.router.key_to_replica
+    def _abort_on(self, i: int, ids: list[str]) -> None:
+        self.actors[i].abort.remote(ids)
 
-    def submit(self, requests: list[WorkRequest]) -> None:
-        by_replica: dict[int, list[WorkRequest]] = {}
-        for r in requests:
-            i = self.router.route(r.routing_key, len(r.prompt_token_ids))
-            self.inflight[i][r.request_id] = r
-            by_replica.setdefault(i, []).append(r)
-        for i, reqs in by_replica.items():
-            self.actors[i].submit.remote(reqs)
-
-    def _restart(self, replica: int, cause: Exception) -> None:
+    def _restart_replica(self, i: int) -> None:
         import ray
+        from ray.exceptions import GetTimeoutError
 
-        if self.num_restarts >= self.max_restarts:
-            raise RuntimeError(
-                f"replica {replica} died and the restart budget ({self.max_restarts}) is spent: {cause}"
-            ) from cause
-        self.num_restarts += 1
-        logger.warning("replica %d died (%s); restarting and resubmitting %d requests",
-                       replica, type(cause).__name__, len(self.inflight[replica]))
         try:
-            ray.kill(self.actors[replica])
+            ray.kill(self.actors[i])
         except Exception:  # already gone
             pass
-        self.actors[replica] = self._start(replica)
-        ray.get(self.actors[replica].ready.remote())
-        self.router.reassign(replica)
-        held = list(self.inflight[replica].values())
-        self.num_retried_requests += len(held)
-        for r in held:
-            self.router.outstanding_tokens[replica] += len(r.prompt_token_ids)
-        if held:
-            self.actors[replica].submit.remote(held)
+        for ref in [r for r, j in self.pending.items() if j == i]:
+            del self.pending[ref]
+        self.actors[i] = self._start(i)
+        try:
+            ray.get(self.actors[i].ready.remote(), timeout=self.restart_timeout_s)
+        except GetTimeoutError:
+            raise ReplicaStartTimeout(
+                f"replica {i} did not come up within {self.restart_timeout_s:g} s after a restart "
+                f"(restart_timeout_s); check that the cluster has the CPUs/GPUs for it "
+                f"({self.options}) and that the model loads") from None
 
     def results(self, timeout: float = 1.0) -> list[WorkResult]:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
+        done = self._take_poisoned()
         for i in range(self.num_replicas):
             if self.inflight[i] and i not in self.pending.values():
                 self.pending[self.actors[i].collect.remote(min(timeout, 1.0))] = i
         if not self.pending:
-            time.sleep(min(timeout, 0.05))
-            return []
-        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout + 5)
-        done: list[WorkResult] = []
+            if not done:
+                time.sleep(min(timeout, 0.05))
+            return done
+        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0 if done else timeout + 5)
         for ref in ready:
-            i = self.pending.pop(ref)
+            i = self.pending.pop(ref, None)
+            if i is None:
+                continue  # a collect of a replica restarted since
             try:
                 results = ray.get(ref)
-            except RayActorError as exc:
-                self._restart(i, exc)
+            except RayActorError as exc:  # the process died
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                self._replica_failed(i, f"replica {i} died ({type(exc).__name__}: {first})")
                 continue
-            for res in results:
-                req = self.inflight[i].pop(res.request_id, None)
-                if req is None:
-                    continue  # a duplicate from before a restart
-                self.router.complete(req.routing_key, i, len(req.prompt_token_ids))
-                done.append(res)
-        return done
+            except RayTaskError as exc:  # the engine thread raised
+                cause = getattr(exc, "cause", None)
+                why = cause.cause if isinstance(cause, EngineFailed) else f"{type(exc).__name__}"
+                self._replica_failed(i, why)
+                continue
+            done += [res for res in results if self._finished(i, res)]
+        return done + self._take_poisoned()
 
     # -- light CPU tasks beside the replicas (document chunking) ----------------------------
     def submit_task(self, fn: Callable, args: tuple, tag: Any) -> None:

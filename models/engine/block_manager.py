@@ -6,10 +6,14 @@ Rules of the data structure:
 - `free_queue` is kept in eviction order (least recently freed first). A sequence frees its
   blocks tail first, so a chain's tail is evicted before its parents and a cached prefix
   stays usable as long as possible.
-- Only full blocks are hashed. A block hash chains (parent block hash, the block's token ids),
-  rooted at a seed derived from the model fingerprint, so equal hashes mean equal prefixes of
-  the same model. A hit also compares the stored tokens and parent hash (collisions never
-  return wrong K/V).
+- Only full blocks are hashed. A block hash is the sha256 digest (32 bytes) of (parent block
+  hash, the block's token ids as little-endian int64), chained from a root that is the sha256
+  of the extra keys (the model fingerprint), so equal hashes mean equal prefixes of the same
+  model. sha256, not Python's `hash()`: a tuple hash is cheap to collide on purpose, and a
+  collision lets one prompt evict or shadow another's cached prefix (vLLM advisory
+  GHSA-rm76-4mrf-v9r8). A hit also compares the stored tokens and parent hash (even a
+  collision never returns wrong K/V). The root depends only on `extra_key`, so hashes are
+  the same in every process and run (reproducible tests).
 - A freed block keeps its hash and stays findable until it is reused for other tokens.
 - Allocation continues a sequence's last run of blocks when it can, and with
   `reserve_decode` a sequence takes the blocks for its whole generation at admission, so
@@ -20,20 +24,31 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import sys
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 
 from models.engine.sequence import Sequence
 
+BlockHash = bytes  # a sha256 digest, 32 bytes
 
-def hash_seed(extra_key: str) -> int:
-    """Stable root of the hash chain (Python's str hash is salted per process; this is not)."""
-    return int.from_bytes(hashlib.sha256(extra_key.encode()).digest()[:8], "little")
+_BIG_ENDIAN = sys.byteorder == "big"
 
 
-def chain_hash(parent_hash: int, token_ids: tuple[int, ...]) -> int:
-    # Tuple-of-int hashing is deterministic across processes.
-    return hash((parent_hash, token_ids))
+def hash_seed(extra_key: str) -> BlockHash:
+    """Root of the hash chain: the same in every process (Python's str hash is salted)."""
+    key = extra_key.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(b"docpipe-prefix-root\x00" + key).digest()
+
+
+def chain_hash(parent_hash: BlockHash, token_ids) -> BlockHash:
+    """sha256(parent hash || token ids as little-endian int64). The parent is always 32 bytes
+    and only full blocks are hashed, so the fields cannot run into each other."""
+    packed = array("q", token_ids)
+    if _BIG_ENDIAN:
+        packed.byteswap()
+    return hashlib.sha256(parent_hash + packed.tobytes()).digest()
 
 
 class Block:
@@ -42,8 +57,8 @@ class Block:
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_cnt = 0
-        self.block_hash: int | None = None
-        self.parent_hash: int | None = None
+        self.block_hash: BlockHash | None = None
+        self.parent_hash: BlockHash | None = None
         self.token_ids: tuple[int, ...] | None = None
 
 
@@ -76,7 +91,7 @@ class BlockManager:
         self.hit_align_blocks = None if hit_align is None else hit_align // block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.hash_to_block_id: dict[int, int] = {}
+        self.hash_to_block_id: dict[BlockHash, int] = {}
         self.num_queries = 0  # prompt tokens looked up in the prefix cache
         self.num_hits = 0  # of those, tokens served from it
 
@@ -129,14 +144,14 @@ class BlockManager:
             self.free_queue[block_id] = None
 
     # -- sequence level ---------------------------------------------------------------------
-    def block_hashes_for(self, seq: Sequence) -> list[int]:
+    def block_hashes_for(self, seq: Sequence) -> list[BlockHash]:
         """Chain hashes of all full blocks of the sequence's known tokens (extends a cache)."""
         hashes = seq.block_hashes
         bs = self.block_size
         num_full = seq.num_tokens // bs
         parent = hashes[-1] if hashes else self.root_hash
         for i in range(len(hashes), num_full):
-            parent = chain_hash(parent, tuple(seq.token_ids(i * bs, (i + 1) * bs)))
+            parent = chain_hash(parent, seq.token_ids(i * bs, (i + 1) * bs))
             hashes.append(parent)
         return hashes
 

@@ -73,7 +73,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
         self.num_preemptions = 0
-        self.block_hashes: list[int] = []  # chain hashes of the full blocks, in order
+        self.block_hashes: list[bytes] = []  # chain hashes (sha256 digests) of the full blocks, in order
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.perf_counter())
         self.expert_counts = None
         self.finish_reason: str | None = None

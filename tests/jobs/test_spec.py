@@ -14,6 +14,7 @@ name = "refine"
 max_summary_tokens = 64
 [resources]
 workers = 2
+restart_timeout_s = 120
 [schedule]
 cron = "*/5 * * * *"
 """
@@ -39,7 +40,7 @@ def test_good_job(tmp_path):
     assert spec.input_path == (tmp_path / "docs").resolve()
     assert spec.output_dir == (tmp_path / "out").resolve()
     assert spec.run.strategy == "refine" and spec.run.max_summary_tokens == 64
-    assert spec.run.workers == 2 and spec.cron == "*/5 * * * *" and spec.name == "job"
+    assert spec.run.workers == 2 and spec.run.restart_timeout_s == 120 and spec.cron == "*/5 * * * *" and spec.name == "job"
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -65,6 +66,8 @@ def test_good_job(tmp_path):
     ("[input]\npath='d'\n[output]\npath='o'\n[schedule]\ntimezone='Europe/Pariss'\n",
      "schedule.timezone = 'Europe/Pariss' is not a known time zone; use an IANA name such as "
      "\"UTC\", \"Europe/Paris\" or \"America/New_York\" (leave it out for UTC)"),
+    ("[input]\npath='d'\n[output]\npath='o'\n[resources]\nrestart_timeout_s=0\n",
+     "restart_timeout_s=0: must be > 0 (seconds)"),
     ("[input\npath='d'\n", None),
 ])
 def test_bad_job_files(tmp_path, text, expected):

@@ -117,3 +117,46 @@ def test_task_errors_come_back_as_messages(ray_session, tiny_model_dir):
         assert results == [("t", None, "JSONDecodeError: Expecting value: line 1 column 1 (char 0)")]
     finally:
         pool.close()
+
+
+def test_a_request_that_kills_its_replica_fails_its_document_only(ray_session, tiny_model_dir, tmp_path):
+    """The replica process dies (os._exit) whenever one request is in its engine: after three
+    restarts that request is its document's error row; every other document is ok."""
+    import dataclasses
+
+    from pipeline.config import RunConfig
+    from pipeline.output import read_results
+    from pipeline.prompts import PROMPT_VERSION
+    from pipeline.runner import doc_key
+    from pipeline.service import describe, engine_spec, run_documents
+    from pipeline.stores import Document, content_hash
+
+    config = RunConfig(model=str(tiny_model_dir), dtype="float32", max_summary_tokens=6,
+                       chunk_tokens=64, overlap=8, max_num_batched_tokens=4096)
+    text = "The whale surfaced near the ship, and the crew watched it for an hour. " * 12
+    docs = [Document(d, f"mem:{d}", text + d, content_hash(text + d)) for d in ("a", "b", "c")]
+    fingerprint = config.fingerprint(describe(config).weights_hash, PROMPT_VERSION)
+    poison = f"{doc_key(docs[1], fingerprint)}/map/0"
+
+    def hook(engine):  # defined here so it is pickled by value into the actor
+        step = engine.step
+
+        def dying_step():
+            if poison in engine.requests:
+                os._exit(1)
+            return step()
+
+        engine.step = dying_step
+
+    pool = RayPool(dataclasses.replace(engine_spec(config), engine_hook=hook), num_replicas=1,
+                   num_cpus=1, restart_timeout_s=120)
+    try:
+        stats, _ = run_documents(config, docs, tmp_path / "out.parquet", pool=pool)
+    finally:
+        pool.close()
+    rows = {r["doc_id"]: r for r in read_results(tmp_path / "out.parquet")}
+    assert sorted(rows) == ["a", "b", "c"]
+    assert rows["b"]["status"] == "error" and "poison request: replica 0 died" in rows["b"]["error"]
+    assert rows["a"]["status"] == "ok" and rows["c"]["status"] == "ok", stats.errors
+    assert pool.num_restarts == 3
+    assert pool.router.key_to_replica == {} and pool.num_inflight == 0

@@ -140,3 +140,38 @@ def test_reserved_generation_blocks_keep_each_table_one_run():
     assert bm.admit(c, 64) == 16
     assert c.block_table == [0, 1, 2, 3, 4]  # a's run came back reversed; sorted it is one run
     bm.check_invariants()
+
+
+def test_block_hash_is_sha256_of_parent_and_packed_tokens():
+    import hashlib
+    import struct
+
+    from models.engine import block_manager
+
+    root = block_manager.hash_seed("model-a")
+    assert root == hashlib.sha256(b"docpipe-prefix-root\x00model-a").digest()
+    assert root != block_manager.hash_seed("model-b")  # the extra key is part of the chain
+    tokens = [0, 1, 70_000, 2**31 + 5]
+    h = block_manager.chain_hash(root, tokens)
+    assert h == hashlib.sha256(root + struct.pack("<4q", *tokens)).digest()
+    # Pinned: the same in every process and Python version (reproducible tests and caches).
+    assert h.hex()[:16] == "1b2a11530e9dc94a"
+    assert block_manager.chain_hash(h, tokens) != h  # chained: position in the prefix counts
+    bm = BlockManager(num_blocks=4, block_size=4, extra_key="model-a")
+    a = _seq("a", tokens + [9])
+    bm.admit(a, 64)
+    _compute(bm, a, 5)
+    assert list(bm.hash_to_block_id) == [h] and bm.blocks[0].block_hash == h
+
+
+def test_a_hash_collision_is_a_miss_not_wrong_kv(monkeypatch):
+    from models.engine import block_manager
+
+    monkeypatch.setattr(block_manager, "chain_hash", lambda parent, tokens: b"\x00" * 32)
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = _seq("a", list(range(9)))
+    bm.admit(a, 64)
+    _compute(bm, a, 9)
+    b = _seq("b", list(range(100, 109)))  # every block hash collides with a's
+    assert bm.admit(b, 64) == 9 and b.num_cached_tokens == 0
+    bm.check_invariants()
