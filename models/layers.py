@@ -18,7 +18,6 @@ from torch import nn
 from models import native
 from models.config import ModelConfig
 
-
 _param_dtype = torch.float32
 
 
