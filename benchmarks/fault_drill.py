@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 sys.path.insert(0, str(Path(__file__).parent))
-from resume import COMPARE, DATA, job_file, rows  # noqa: E402
+from resume import COMPARE, job_file, rows, write_store  # noqa: E402
 
 CHILD = """
 import json, sys
@@ -88,12 +88,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="docpipe-drill-"))
     try:
-        store = root / "store"
-        store.mkdir()
-        text = DATA.read_text()
-        if args.limit_chunks:
-            text = text[: args.limit_chunks * 1792 * 4]
-        (store / "moby-dick-100k.txt").write_text(text)
+        store = write_store(root, args.limit_chunks)
 
         t0 = time.perf_counter()
         base = run_job(load_job(job_file(root, store, root / "baseline")))

@@ -74,6 +74,18 @@ def job_file(root: Path, store: Path, out: Path) -> Path:
     return path
 
 
+def write_store(root: Path, limit_chunks: int | None) -> Path:
+    """A store under `root` holding the W100K document (its first limit_chunks * 1792 tokens,
+    about 4 characters each, when given)."""
+    store = root / "store"
+    store.mkdir()
+    text = DATA.read_text()
+    if limit_chunks:
+        text = text[: limit_chunks * 1792 * 4]
+    (store / "moby-dick-100k.txt").write_text(text)
+    return store
+
+
 def rows(table):
     return sorted(table.select(COMPARE).to_pylist(), key=lambda r: r["doc_id"])
 
@@ -93,12 +105,8 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="docpipe-resume-"))
     try:
-        store = root / "store"
-        store.mkdir()
-        text = DATA.read_text()
-        if args.limit_chunks:
-            text = text[: args.limit_chunks * 1792 * 4]
-        (store / "moby-dick-100k.txt").write_text(text)
+        store = write_store(root, args.limit_chunks)
+        text = (store / "moby-dick-100k.txt").read_text()
 
         # Warm-up (model load, first-touch of the KV cache) on a short document, then plain
         # and checkpointed runs alternated twice; the best of each is compared (this 2-core
