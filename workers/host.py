@@ -97,8 +97,7 @@ class EngineHost:
         self._aborts: list[str] = []
         self._cond = threading.Condition()
         self._stop = False
-        self._error: str | None = None  # traceback of the engine thread's failure
-        self._cause: str | None = None  # its last line
+        self._failure: EngineFailed | None = None  # the engine thread's failure, once it raised
         self._submitted_at: dict[str, float] = {}
         self._thread = threading.Thread(target=self._loop, name=f"engine-{replica}", daemon=True)
         self._thread.start()
@@ -106,8 +105,8 @@ class EngineHost:
     # -- called by clients (any thread) -----------------------------------------------------
     def submit(self, requests: list[WorkRequest]) -> None:
         with self._cond:
-            if self._error:
-                raise EngineFailed(self.replica, self._cause, self._error)
+            if self._failure:
+                raise self._failure
             self._intake.extend(requests)
             self._cond.notify_all()
 
@@ -115,13 +114,13 @@ class EngineHost:
         """Finished results since the last call; waits up to `timeout` s for at least one."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not self._done and not self._error:
+            while not self._done and not self._failure:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            if self._error and not self._done:
-                raise EngineFailed(self.replica, self._cause, self._error)
+            if self._failure and not self._done:
+                raise self._failure
             done, self._done = self._done, []
             return done
 
@@ -138,7 +137,7 @@ class EngineHost:
 
     @property
     def is_failed(self) -> bool:
-        return self._error is not None
+        return self._failure is not None
 
     def shutdown(self) -> None:
         with self._cond:
@@ -198,7 +197,7 @@ class EngineHost:
                         self._cond.notify_all()
         except Exception as exc:  # a bug or OOM in the engine: report it to every client call
             with self._cond:
-                self._cause = (f"{type(exc).__name__}: {exc}".splitlines() or ["?"])[0][:500]
-                self._error = traceback.format_exc(limit=5)
+                cause = (f"{type(exc).__name__}: {exc}".splitlines() or ["?"])[0][:500]
+                self._failure = EngineFailed(self.replica, cause, traceback.format_exc(limit=5))
                 self._cond.notify_all()
-            logger.error("replica %d engine failed:\n%s", self.replica, self._error)
+            logger.error("replica %d engine failed:\n%s", self.replica, self._failure.detail)
