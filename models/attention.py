@@ -27,6 +27,10 @@ by log-sum-exp. `align=None` gives one call per span.
 
 Without a cache (`kv_cache=None`, used by tests and one-shot scoring) each sequence attends to
 its own tokens in the batch.
+
+Scores are q.k times `config.attention_scale` (head_dim**-0.5, or gemma3's
+query_pre_attn_scalar**-0.5) on every path: the scale is passed to SDPA, to the CPU flash
+kernel and to the native decode and prefill kernels, which take it as an argument.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from torch import nn
 
 from models import native
 from models.config import ModelConfig
-from models.layers import Linear, apply_rotary
+from models.layers import Linear, RMSNorm, apply_rotary
 
 
 @dataclass(slots=True)
@@ -237,11 +241,17 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.window = config.layer_window(layer_id)
+        self.scale = config.attention_scale
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         self.split_sizes = (q_size, kv_size, kv_size)
         self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
         self.o_proj = Linear(q_size, config.hidden_size)
+        # Per-head RMSNorm of q and k before RoPE (qwen3, gemma3); weights [head_dim].
+        self.q_norm = self.k_norm = None
+        if config.has_qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.is_gemma)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.is_gemma)
 
     def forward(
         self,
@@ -255,9 +265,14 @@ class Attention(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         fixed_k = meta.batch_invariant
         qkv = self.qkv_proj(x, fixed_k)
-        # q and k sit side by side in the fused projection: rotate them in one pass.
-        qk = apply_rotary(qkv[:, : (H + Hkv) * D].view(N, H + Hkv, D), cos, sin)
-        q, k = qk[:, :H], qk[:, H:]
+        if self.q_norm is not None:
+            q = self.q_norm(qkv[:, : H * D].reshape(N * H, D)).view(N, H, D)
+            k = self.k_norm(qkv[:, H * D : (H + Hkv) * D].reshape(N * Hkv, D)).view(N, Hkv, D)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        else:
+            # q and k sit side by side in the fused projection: rotate them in one pass.
+            qk = apply_rotary(qkv[:, : (H + Hkv) * D].view(N, H + Hkv, D), cos, sin)
+            q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, (H + Hkv) * D :].view(N, Hkv, D)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
@@ -329,7 +344,7 @@ class Attention(nn.Module):
                       q.stride(0), k_cache.data_ptr(),
                       v_cache.data_ptr(), k_cache.stride(0), out.data_ptr(), out.stride(0),
                       *(t.data_ptr() for t in tables), len(tables[0]), self.num_heads,
-                      self.num_kv_heads, D, D**-0.5)
+                      self.num_kv_heads, D, self.scale)
 
     def _attend_runs(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      runs: list[slice]) -> torch.Tensor:
@@ -339,8 +354,8 @@ class Attention(nn.Module):
         qg = q.view(1, Hkv, H // Hkv, D)
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         dt = q.dtype  # K/V of a cache in another dtype (kv_cache_dtype) are cast per run
-        parts = [flash(qg, k_cache[:, r].unsqueeze(0).to(dt), v_cache[:, r].unsqueeze(0).to(dt))
-                 for r in runs]
+        parts = [flash(qg, k_cache[:, r].unsqueeze(0).to(dt), v_cache[:, r].unsqueeze(0).to(dt),
+                       scale=self.scale) for r in runs]
         return _merge_by_lse(parts).to(q.dtype).view(1, H, D)
 
     def _attend_split(self, q: torch.Tensor, k_prior: torch.Tensor, v_prior: torch.Tensor,
@@ -356,11 +371,13 @@ class Attention(nn.Module):
         if G > 1:
             k_diag = k_diag.repeat_interleave(G, dim=0)
             v_diag = v_diag.repeat_interleave(G, dim=0)
-        o_diag, lse_diag = flash(qh, k_diag.unsqueeze(0), v_diag.unsqueeze(0), 0.0, True)
+        o_diag, lse_diag = flash(qh, k_diag.unsqueeze(0), v_diag.unsqueeze(0), 0.0, True,
+                                 scale=self.scale)
         # Earlier keys: every row sees all of them, so the G query heads of a KV head stack
         # into one longer query (no K/V expansion, 3x the rows per key read).
         qf = qh.reshape(1, Hkv, G * Tq, D)
-        o_prior, lse_prior = flash(qf, k_prior.unsqueeze(0), v_prior.unsqueeze(0))
+        o_prior, lse_prior = flash(qf, k_prior.unsqueeze(0), v_prior.unsqueeze(0),
+                                   scale=self.scale)
         o = _merge_by_lse([(o_prior.reshape(1, H, Tq, D), lse_prior.reshape(1, H, Tq)),
                            (o_diag, lse_diag)])
         return o.to(q.dtype)[0].transpose(0, 1)
@@ -376,7 +393,8 @@ class Attention(nn.Module):
             # Decode: fold the query heads that share a KV head into the "length" axis, so no
             # K/V expansion is needed and one call covers all heads.
             qg = q.view(1, Hkv, H // Hkv, D)
-            o = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), values.unsqueeze(0))
+            o = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), values.unsqueeze(0),
+                                               scale=self.scale)
             return o.view(1, H, D)
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, Tq, D]
         o = F.scaled_dot_product_attention(
@@ -386,5 +404,6 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=mask is None,
             enable_gqa=H != Hkv,
+            scale=self.scale,
         )
         return o[0].transpose(0, 1)

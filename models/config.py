@@ -1,8 +1,11 @@
 """Model configuration, in Hugging Face `config.json` field names.
 
-One dataclass covers the five decoder-only families docpipe serves (llama, mistral, qwen2,
-mixtral, qwen2_moe): they share the skeleton (RMSNorm, RoPE, GQA attention, SwiGLU) and differ
-in a handful of fields, so loading a checkpoint is a direct mapping of its `config.json`.
+One dataclass covers the decoder-only families docpipe serves (llama, mistral, qwen2, qwen3,
+gemma3 text; mixtral, qwen2_moe, qwen3_moe): they share the skeleton (RMSNorm, RoPE, GQA
+attention, gated MLP) and differ in a handful of fields, so loading a checkpoint is a direct
+mapping of its `config.json`. Where an HF config class has defaults of its own that its
+`config.json` may leave out (Gemma 3's nested `text_config` lists only what differs), they are
+filled in from `HF_DEFAULTS` first.
 """
 
 from __future__ import annotations
@@ -14,7 +17,26 @@ from typing import Any
 
 from models.errors import ModelLoadError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+SUPPORTED_ARCHITECTURES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe",
+)
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+# Families with per-head RMSNorm on q and k (before RoPE).
+QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe", "gemma3_text")
+# Defaults of the transformers config classes for fields a config.json may omit, where they
+# differ from this dataclass's.
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3": dict(head_dim=128),
+    "qwen3_moe": dict(norm_topk_prob=False),
+    "gemma3_text": dict(
+        vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, query_pre_attn_scalar=256,
+        sliding_window=4096, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+        eos_token_id=1, bos_token_id=2,
+    ),
+}
 
 
 @dataclass(slots=True)
@@ -27,17 +49,28 @@ class ModelConfig:
     num_attention_heads: int = 32
     num_key_value_heads: int | None = None  # None: multi-head (= num_attention_heads); 1: MQA
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
-    hidden_act: str = "silu"
+    hidden_act: str = "silu"  # gemma3's config.json calls it hidden_activation
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # bias on q/k/v projections (qwen2 always has it)
+    # Attention scores are scaled by query_pre_attn_scalar**-0.5 (gemma3); None: head_dim**-0.5.
+    query_pre_attn_scalar: float | None = None
+    # RoPE base of the "sliding_attention" layers (gemma3: 10000, rope_theta being the global
+    # layers' base, with rope_scaling); None: rope_theta for every layer.
+    rope_local_base_freq: float | None = None
+    # logits = tanh(logits / cap) * cap; None: off. Attention-score softcapping (gemma2) is
+    # not supported: a value there raises.
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
     # Sliding-window attention: the window applies to the layers that `layer_types` marks
     # "sliding_attention" (mistral: all layers; qwen2: layers >= max_window_layers).
     sliding_window: int | None = None
     layer_types: list[str] | None = None
+    # gemma3 without layer_types: layer i slides iff (i + 1) % pattern != 0; None: 6 (HF's).
+    sliding_window_pattern: int | None = None
     # Mixture of experts (mixtral: num_local_experts; qwen2_moe: num_experts).
     num_local_experts: int = 0
     num_experts_per_tok: int = 2
@@ -71,10 +104,25 @@ class ModelConfig:
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
-        if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; only 'silu'")
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; "
+                             f"use one of {', '.join(SUPPORTED_ACTIVATIONS)}")
+        if self.attention_bias and self.model_type in QK_NORM_ARCHITECTURES:
+            raise ValueError(f"attention_bias=True is not supported for {self.model_type} "
+                             "(it adds an o_proj bias too); only checkpoints without it load")
+        for name in ("query_pre_attn_scalar", "final_logit_softcapping"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}={value} must be positive (or None: off)")
+        if self.attn_logit_softcapping is not None:
+            raise ValueError(f"attn_logit_softcapping={self.attn_logit_softcapping} is not "
+                             "supported (the attention kernels do not cap scores); use None")
         if self.sliding_window is not None and self.sliding_window <= 0:
             self.sliding_window = None
+        if self.layer_types is None and self.model_type == "gemma3_text":
+            pattern = self.sliding_window_pattern or 6
+            self.layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                for i in range(self.num_hidden_layers)]
         if self.layer_types is None:
             kind = "sliding_attention" if self.sliding_window else "full_attention"
             self.layer_types = [kind] * self.num_hidden_layers
@@ -83,6 +131,10 @@ class ModelConfig:
                 f"layer_types has {len(self.layer_types)} entries; "
                 f"num_hidden_layers={self.num_hidden_layers}"
             )
+        for kind in self.layer_types:
+            if kind not in ("full_attention", "sliding_attention"):
+                raise ValueError(f"layer_types entry {kind!r} is not supported; "
+                                 "use full_attention or sliding_attention")
         if self.num_local_experts and not 0 < self.num_experts_per_tok <= self.num_local_experts:
             raise ValueError(
                 f"num_experts_per_tok={self.num_experts_per_tok} must be in "
@@ -106,6 +158,26 @@ class ModelConfig:
     @property
     def num_queries_per_kv(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def is_gemma(self) -> bool:
+        """Gemma's layer: RMSNorm scales by (1 + w), computed in fp32; norms after attention
+        and MLP too; embeddings times sqrt(hidden_size)."""
+        return self.model_type == "gemma3_text"
+
+    @property
+    def has_qk_norm(self) -> bool:
+        return self.model_type in QK_NORM_ARCHITECTURES
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on q.k: query_pre_attn_scalar**-0.5 when set, else head_dim**-0.5."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_rope_theta(self, layer_id: int) -> float:
+        if self.layer_types[layer_id] == "sliding_attention" and self.rope_local_base_freq:
+            return self.rope_local_base_freq
+        return self.rope_theta
 
     def layer_window(self, layer_id: int) -> int | None:
         """Sliding window (in tokens, the query's own position included) of a layer, or None."""
@@ -140,16 +212,39 @@ class ModelConfig:
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Map an HF config dict onto this dataclass; unknown architectures raise."""
         model_type = raw.get("model_type")
+        if model_type == "gemma3" and isinstance(raw.get("text_config"), dict):
+            # Gemma 3 with a vision tower: the language model is its text_config.
+            raw = {**raw["text_config"], "model_type": "gemma3_text"}
+            model_type = "gemma3_text"
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(
                 f"{source}: model_type {model_type!r} is not supported; docpipe loads "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints"
             )
+        raw = {**HF_DEFAULTS.get(model_type, {}), **{k: v for k, v in raw.items() if v is not None}}
+        if raw.get("use_bidirectional_attention"):
+            raise ModelLoadError(f"{source}: use_bidirectional_attention=true (an encoder) is "
+                                 "not supported; docpipe runs causal decoders")
         kwargs: dict[str, Any] = {
             k: raw[k] for k in cls.__dataclass_fields__ if k in raw and raw[k] is not None
         }
-        # transformers >= 5 nests rope settings in rope_parameters.
+        if "hidden_activation" in raw:
+            kwargs["hidden_act"] = raw["hidden_activation"]
+        if "sliding_window_pattern" not in raw and "_sliding_window_pattern" in raw:
+            kwargs["sliding_window_pattern"] = raw["_sliding_window_pattern"]
+        # transformers >= 5 nests rope settings in rope_parameters; per layer type where they
+        # differ (gemma3: "full_attention" and "sliding_attention").
         rope = raw.get("rope_parameters") or {}
+        if "full_attention" in rope or "sliding_attention" in rope:
+            local = rope.get("sliding_attention") or {}
+            if local.get("rope_type", "default") != "default":
+                raise ModelLoadError(
+                    f"{source}: rope_parameters.sliding_attention.rope_type "
+                    f"{local['rope_type']!r} is not supported; only 'default' on sliding layers"
+                )
+            if "rope_theta" in local:
+                kwargs["rope_local_base_freq"] = local["rope_theta"]
+            rope = rope.get("full_attention") or {}
         if "rope_theta" in rope:
             kwargs["rope_theta"] = rope["rope_theta"]
         if rope.get("rope_type", "default") != "default":
@@ -165,7 +260,9 @@ class ModelConfig:
             kwargs["attention_bias"] = True
         if model_type == "mixtral":
             kwargs["norm_topk_prob"] = True  # mixtral always renormalises the top-k weights
-        if model_type in ("qwen2", "qwen2_moe"):
+        if model_type == "qwen3_moe" and "num_local_experts" not in raw:
+            kwargs["num_local_experts"] = raw.get("num_experts", 0)
+        if model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
             window = raw.get("sliding_window") if raw.get("use_sliding_window") else None
             kwargs["sliding_window"] = window
             if raw.get("layer_types") is None:
@@ -219,6 +316,17 @@ def tiny_config(model_type: str = "llama", **overrides: Any) -> ModelConfig:
         base.update(
             num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             shared_expert_intermediate_size=48, norm_topk_prob=False, attention_bias=True,
+        )
+    if model_type == "qwen3":
+        base.update(head_dim=32)
+    if model_type == "qwen3_moe":
+        base.update(head_dim=32, num_local_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=32, norm_topk_prob=True)
+    if model_type == "gemma3_text":
+        base.update(
+            head_dim=32, hidden_act="gelu_pytorch_tanh", sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
+            rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, tie_word_embeddings=True,
         )
     base.update(overrides)
     return ModelConfig(**base)

@@ -1,4 +1,4 @@
-"""Building blocks shared by every architecture: RMSNorm, rotary embeddings, SwiGLU MLP.
+"""Building blocks shared by every architecture: RMSNorm, rotary embeddings, gated MLP.
 
 Parameters are created with `torch.empty` (no initialisation cost: loading overwrites them)
 directly in the dtype that `param_dtype` sets (no fp32 copy first: half the peak memory at a
@@ -37,12 +37,19 @@ def empty_param(*shape: int) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    """RMSNorm over the last dim. `unit_offset` (Gemma): scale by (1 + weight), all in fp32,
+    rounded once at the end, as Gemma's reference computes it."""
+
+    def __init__(self, hidden_size: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
         self.weight = empty_param(hidden_size)
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unit_offset:
+            normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
         # As the HF reference: normalise in fp32, round to x's dtype, then scale.
         lib = native.elementwise(x)
         w = self.weight
@@ -109,16 +116,18 @@ class Linear(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU MLP with gate and up projections fused into one matmul: [gate; up] = x @ W13.T."""
+    """Gated MLP, act(gate) * up, with gate and up projections fused into one matmul:
+    [gate; up] = x @ W13.T. act: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU, Gemma)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu") -> None:
         super().__init__()
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
         self.down_proj = Linear(intermediate_size, hidden_size)
+        self.act_mul = ACT_MUL[act]
 
     def forward(self, x: torch.Tensor, fixed_k: bool = False) -> torch.Tensor:
         """fixed_k: batch-invariant reduction (see `linear`)."""
-        return self.down_proj(silu_mul(self.gate_up_proj(x, fixed_k)), fixed_k)
+        return self.down_proj(self.act_mul(self.gate_up_proj(x, fixed_k)), fixed_k)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -134,13 +143,25 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu(gate, tanh approximation) * up for rows [gate | up] (GeGLU)."""
+    gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+# hidden_act -> act(gate) * up over [gate | up] rows
+ACT_MUL = {"silu": silu_mul, "gelu_pytorch_tanh": gelu_tanh_mul}
+
+
+def _rope_inv_freq(config: ModelConfig, local: bool = False) -> tuple[torch.Tensor, float]:
     """Inverse frequencies for the rotary dims, with llama3/linear scaling applied; computed
     in fp32 as the reference computes them (fp64 gives other last bits: 1 ulp on 1/3 of
-    SmolLM2's frequencies, enough to change 486 of its 164K bf16 cos/sin values at 1.5K-4K)."""
+    SmolLM2's frequencies, enough to change 486 of its 164K bf16 cos/sin values at 1.5K-4K).
+    `local`: the sliding layers' base (rope_local_base_freq), unscaled (gemma3)."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = config.rope_scaling or {}
+    theta = config.rope_local_base_freq if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = {} if local else config.rope_scaling or {}
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv_freq = inv_freq / float(scaling["factor"])
@@ -170,9 +191,9 @@ class RotaryEmbedding(nn.Module):
     puts the angle 3.5 rad off by position 2500). The table follows the positions' device.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, local: bool = False) -> None:
         super().__init__()
-        inv_freq, self.attention_scaling = _rope_inv_freq(config)
+        inv_freq, self.attention_scaling = _rope_inv_freq(config, local)
         self.inv_freq = inv_freq  # fp32 [D/2], CPU
         self._cos_sin: torch.Tensor | None = None  # [P, D] cos | [P, D] sin, fp32
 
