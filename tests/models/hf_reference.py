@@ -52,3 +52,59 @@ def make_hf_checkpoint(variant: str, path: Path, seed: int = 0):
     model.eval()
     model.save_pretrained(path)
     return model
+
+
+_GEMMA3_ROPE = {
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+}
+# Architectures added with issue 11, kept apart from VARIANTS (which test_parity.py runs):
+# head_dim differs from hidden_size / num_attention_heads in all of them.
+NEW_ARCH_VARIANTS: dict[str, tuple[str, dict]] = {
+    "qwen3": ("qwen3", dict(head_dim=32)),
+    "qwen3_window": ("qwen3", dict(
+        head_dim=32, num_hidden_layers=3, use_sliding_window=True, sliding_window=16,
+        max_window_layers=1,
+    )),
+    "qwen3_moe": ("qwen3_moe", dict(
+        head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        norm_topk_prob=True, mlp_only_layers=[1],
+    )),
+    "qwen3_moe_sparse": ("qwen3_moe", dict(
+        head_dim=64, num_hidden_layers=4, num_key_value_heads=1, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False,
+        decoder_sparse_step=2,
+    )),
+    # 6 layers, default interleave from the pattern (here 3: layers 2 and 5 global), linear
+    # RoPE scaling on the global layers, a window shorter than the test sequences.
+    "gemma3": ("gemma3_text", dict(
+        head_dim=64, num_hidden_layers=6, sliding_window=16, sliding_window_pattern=3,
+        query_pre_attn_scalar=48, rope_parameters=_GEMMA3_ROPE,
+    )),
+    # explicit layer_types, final logit softcapping, untied lm_head, MQA
+    "gemma3_capped": ("gemma3_text", dict(
+        head_dim=32, num_hidden_layers=3, num_key_value_heads=1, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=24, final_logit_softcapping=2.0, tie_word_embeddings=False,
+    )),
+}
+
+
+def make_new_arch_checkpoint(variant: str, path: Path, seed: int = 0):
+    """As `make_hf_checkpoint`, for NEW_ARCH_VARIANTS; no EOS token (greedy runs go on to
+    max_new_tokens in transformers and docpipe alike)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, extra = NEW_ARCH_VARIANTS[variant]
+    fields = {**TINY, "eos_token_id": None, "bos_token_id": None, "pad_token_id": None, **extra}
+    config = AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.1 if "norm" in name else 0.05))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    model.eval()
+    model.save_pretrained(path)
+    return model
