@@ -30,7 +30,25 @@ from models.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
+
+@dataclass(frozen=True, slots=True)
+class GGUFArchitecture:
+    model_type: str  # HF config.json model_type
+    hf_class: str  # HF `architectures` entry
+    permuted_rotary: bool  # llama.cpp's converter reordered q/k rows (llama only)
+    is_moe: bool = False
+
+
+# general.architecture -> how its files map onto HF. llama.cpp permutes q/k rows only for
+# llama-family conversions; its Qwen converters write the HF rows as they are.
+GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {
+    "llama": GGUFArchitecture("llama", "LlamaForCausalLM", permuted_rotary=True),
+    "qwen2": GGUFArchitecture("qwen2", "Qwen2ForCausalLM", permuted_rotary=False),
+    "qwen2moe": GGUFArchitecture("qwen2_moe", "Qwen2MoeForCausalLM", False, is_moe=True),
+    "qwen3": GGUFArchitecture("qwen3", "Qwen3ForCausalLM", permuted_rotary=False),
+    "qwen3moe": GGUFArchitecture("qwen3_moe", "Qwen3MoeForCausalLM", False, is_moe=True),
+}
+SUPPORTED_GGUF_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 
 _MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
@@ -81,6 +99,118 @@ def _q4_1(blocks: np.ndarray) -> np.ndarray:  # fp16 d | fp16 m | 16 bytes of ni
     return _scale(blocks, 0) * _nibbles(blocks[:, 4:]) + _scale(blocks, 2)
 
 
+def _five_bits(blocks: np.ndarray, high_at: int) -> np.ndarray:
+    """Q5_0/Q5_1: [N, 32] 5-bit values from 4 bytes of high bits at `high_at` (one little-endian
+    u32, bit j for element j) followed by 16 bytes of nibbles (ordered as in Q4_0)."""
+    packed = blocks[:, high_at + 4 : high_at + 20]
+    low = np.concatenate([packed & 0x0F, packed >> 4], axis=1)
+    high = np.unpackbits(blocks[:, high_at : high_at + 4], axis=1, bitorder="little")
+    return (low | (high << 4)).astype(np.float32)
+
+
+def _q5_0(blocks: np.ndarray) -> np.ndarray:  # fp16 d | u32 high bits | nibbles;  w = d * (q - 16)
+    return _scale(blocks, 0) * (_five_bits(blocks, 2) - 16.0)
+
+
+def _q5_1(blocks: np.ndarray) -> np.ndarray:  # fp16 d | fp16 m | u32 high bits | nibbles;  w = d * q + m
+    return _scale(blocks, 0) * _five_bits(blocks, 4) + _scale(blocks, 2)
+
+
+# k-quants: super-blocks of 256 values in 16 or 8 sub-blocks, each sub-block with its own
+# small integer scale (and min) that multiplies the super-block's fp16 d (and dmin). Every
+# product d * scale * q below is exact in fp32 (at most 11 + 6 + 6 significant bits), so the
+# only rounding is the one subtraction of the min, as in ggml.
+def _k_scale_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit mins, each [N, 8].
+
+    Sub-blocks 0-3 hold scale and min in the low 6 bits of bytes 0-3 and 4-7; sub-blocks 4-7
+    take their low 4 bits from the nibbles of bytes 8-11 and their top 2 from the spare top
+    bits of bytes 0-3 (scales) and 4-7 (mins).
+    """
+    low, high, tail = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = np.concatenate([low & 63, (tail & 0x0F) | ((low >> 6) << 4)], axis=1)
+    mins = np.concatenate([high & 63, (tail >> 4) | ((high >> 6) << 4)], axis=1)
+    return scales.astype(np.float32), mins.astype(np.float32)
+
+
+def _k_dequant(d, scales, dmin, mins, q: np.ndarray) -> np.ndarray:
+    """q [N, S, 256/S] -> d * scale * q - dmin * min per sub-block, flattened to [N, 256]."""
+    n, s, _ = q.shape
+    out = (d * scales).reshape(n, s, 1) * q
+    if dmin is not None:
+        out -= (dmin * mins).reshape(n, s, 1)
+    return out.reshape(n, 256)
+
+
+def _q2_k(blocks: np.ndarray) -> np.ndarray:
+    # 16 bytes scales (low nibble scale, high nibble min) | 64 bytes q | fp16 d | fp16 dmin.
+    # Each 128-value half reads 32 bytes of q four times (shifts 0, 2, 4, 6); every 16
+    # consecutive values share one scale byte.
+    n = len(blocks)
+    packed = blocks[:, 16:80].reshape(n, 2, 1, 32)
+    shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    q = ((packed >> shifts) & 3).astype(np.float32).reshape(n, 16, 16)
+    sc = blocks[:, 0:16]
+    return _k_dequant(_scale(blocks, 80), (sc & 0x0F).astype(np.float32), _scale(blocks, 82),
+                      (sc >> 4).astype(np.float32), q)
+
+
+def _q3_k(blocks: np.ndarray) -> np.ndarray:
+    # 32 bytes hmask | 64 bytes low 2 bits | 12 bytes of 16 six-bit scales | fp16 d.
+    # Low bits are laid out as in Q2_K; value (h, j, l) (half, shift, byte) takes bit 4h + j of
+    # hmask[l] as its third bit, and a clear bit means q - 4: q is in -4..3.
+    n = len(blocks)
+    shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    low = (blocks[:, 32:96].reshape(n, 2, 1, 32) >> shifts) & 3
+    bit = np.arange(8, dtype=np.uint8).reshape(1, 2, 4, 1)
+    high = (blocks[:, 0:32].reshape(n, 1, 1, 32) >> bit) & 1
+    q = (low.astype(np.float32) - 4.0 * (1 - high).astype(np.float32)).reshape(n, 16, 16)
+    # Scale j: low 4 bits from byte j % 8 (low nibble for j < 8, high for j >= 8), top 2 bits
+    # from byte 8 + j % 4 at bit 2 * (j // 4); stored with a +32 offset.
+    packed = blocks[:, 96:108]
+    j = np.arange(16)
+    low4 = (packed[:, j % 8] >> (4 * (j // 8)).astype(np.uint8)) & 0x0F
+    top2 = (packed[:, 8 + j % 4] >> (2 * (j // 4)).astype(np.uint8)) & 3
+    scales = (low4 | (top2 << 4)).astype(np.float32) - 32.0
+    return _k_dequant(_scale(blocks, 108), scales, None, None, q)
+
+
+def _q4_k(blocks: np.ndarray) -> np.ndarray:
+    # fp16 d | fp16 dmin | 12 bytes scales/mins | 128 bytes: four chunks of 32 bytes, each
+    # chunk's low nibbles one sub-block of 32 values and its high nibbles the next.
+    n = len(blocks)
+    packed = blocks[:, 16:144].reshape(n, 4, 1, 32)
+    q = ((packed >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F).astype(np.float32)
+    scales, mins = _k_scale_mins(blocks[:, 4:16])
+    return _k_dequant(_scale(blocks, 0), scales, _scale(blocks, 2), mins, q.reshape(n, 8, 32))
+
+
+def _q5_k(blocks: np.ndarray) -> np.ndarray:
+    # Q4_K plus 32 bytes (at 16) of fifth bits: sub-block s takes bit s of qh[l].
+    n = len(blocks)
+    packed = blocks[:, 48:176].reshape(n, 4, 1, 32)
+    low = (packed >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+    high = (blocks[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+    q = low.reshape(n, 8, 32).astype(np.float32) + 16.0 * high.astype(np.float32)
+    scales, mins = _k_scale_mins(blocks[:, 4:16])
+    return _k_dequant(_scale(blocks, 0), scales, _scale(blocks, 2), mins, q)
+
+
+def _q6_k(blocks: np.ndarray) -> np.ndarray:
+    # 128 bytes low nibbles | 64 bytes top 2 bits | 16 int8 scales | fp16 d; q is in -32..31.
+    # Each 128-value half: quarter k, value l (of 32) takes nibble k // 2 of ql[64h + 32(k % 2)
+    # + l] and bits 2k, 2k+1 of qh[32h + l]; every 16 consecutive values share one scale.
+    n = len(blocks)
+    ql = blocks[:, 0:128].reshape(n, 2, 1, 2, 32)
+    nib = np.array([0, 4], np.uint8).reshape(1, 1, 2, 1, 1)
+    low = ((ql >> nib) & 0x0F).reshape(n, 2, 4, 32)
+    qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
+    high = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3
+    q = (low | (high << 4)).astype(np.float32).reshape(n, 16, 16) - 32.0
+    scales = blocks[:, 192:208].view(np.int8).astype(np.float32)
+    return _k_dequant(_scale(blocks, 208), scales, None, None, q)
+
+
 @dataclass(frozen=True, slots=True)
 class TensorFormat:
     name: str
@@ -95,7 +225,14 @@ TENSOR_FORMATS: dict[int, TensorFormat] = {
     1: TensorFormat("F16", 1, 2, _f16),
     2: TensorFormat("Q4_0", 32, 18, _q4_0),
     3: TensorFormat("Q4_1", 32, 20, _q4_1),
+    6: TensorFormat("Q5_0", 32, 22, _q5_0),
+    7: TensorFormat("Q5_1", 32, 24, _q5_1),
     8: TensorFormat("Q8_0", 32, 34, _q8_0),
+    10: TensorFormat("Q2_K", 256, 84, _q2_k),
+    11: TensorFormat("Q3_K", 256, 110, _q3_k),
+    12: TensorFormat("Q4_K", 256, 144, _q4_k),
+    13: TensorFormat("Q5_K", 256, 176, _q5_k),
+    14: TensorFormat("Q6_K", 256, 210, _q6_k),
     30: TensorFormat("BF16", 1, 2, _bf16),
 }
 
@@ -141,7 +278,8 @@ class GGUFFile:
             supported = ", ".join(f.name for f in TENSOR_FORMATS.values())
             raise ModelLoadError(
                 f"{self.path}: tensor {name} has type {_type_name(info.ggml_type)}, which docpipe "
-                f"cannot dequantize (supported: {supported}); re-quantize the model to one of those"
+                f"cannot dequantize (supported: {supported}); re-quantize the model to one of "
+                "those (llama.cpp's llama-quantize, e.g. Q4_K_M or Q8_0)"
             )
         if info.num_elements % fmt.block_size or (info.shape and info.shape[-1] % fmt.block_size):
             raise ModelLoadError(
@@ -314,18 +452,24 @@ def _rope_scaling(gguf_file: GGUFFile, arch: str, rope_theta: float, head_dim: i
     return scaling if scaling["factor"] != 1.0 else None
 
 
-def _gguf_config(gguf_file: GGUFFile) -> dict:
-    path = gguf_file.path
+def _architecture(gguf_file: GGUFFile) -> tuple[str, GGUFArchitecture]:
     arch = _meta(gguf_file, "general.architecture")
-    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+    if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(
-            f"{path}: GGUF architecture {arch!r} is not supported; docpipe loads "
+            f"{gguf_file.path}: GGUF architecture {arch!r} is not supported; docpipe loads "
             f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)} GGUF files (use the model's HF safetensors "
             "checkpoint for other architectures)"
         )
-    if _meta(gguf_file, f"{arch}.expert_count", 0):
+    return arch, GGUF_ARCHITECTURES[arch]
+
+
+def _gguf_config(gguf_file: GGUFFile) -> dict:
+    """The HF config.json dict (HF field names) of the model a GGUF file holds."""
+    path = gguf_file.path
+    arch, family = _architecture(gguf_file)
+    if _meta(gguf_file, f"{arch}.expert_count", 0) and not family.is_moe:
         raise ModelLoadError(
-            f"{path}: mixture-of-experts GGUF files are not supported; load the model's HF "
+            f"{path}: mixture-of-experts {arch} GGUF files are not supported; load the model's HF "
             "safetensors checkpoint instead"
         )
     _require(gguf_file, "token_embd.weight")
@@ -344,16 +488,18 @@ def _gguf_config(gguf_file: GGUFFile) -> dict:
     if rope_dims != head_dim:
         raise ModelLoadError(
             f"{path}: RoPE covers {rope_dims} of {head_dim} head dims (partial rotary), which "
-            "llama models do not use; check that the file is a llama model"
+            f"{arch} models do not use; check that the file is a {arch} model"
         )
     rope_theta = float(_meta(gguf_file, f"{arch}.rope.freq_base", 10000.0))
+    num_layers = int(_meta(gguf_file, f"{arch}.block_count"))
+    has_bias = "blk.0.attn_q.bias" in gguf_file.tensors
     config: dict[str, object] = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": family.model_type,
+        "architectures": [family.hf_class],
         "vocab_size": gguf_file.tensors["token_embd.weight"].shape[0],
         "hidden_size": hidden_size,
-        "intermediate_size": int(_meta(gguf_file, f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(_meta(gguf_file, f"{arch}.block_count")),
+        "intermediate_size": int(_meta(gguf_file, f"{arch}.feed_forward_length", 0)),
+        "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads,
         "num_key_value_heads": int(num_kv_heads),
         "head_dim": head_dim,
@@ -363,24 +509,54 @@ def _gguf_config(gguf_file: GGUFFile) -> dict:
         "max_position_embeddings": int(_meta(gguf_file, f"{arch}.context_length", 4096)),
         # llama.cpp writes output.weight only when it differs from the embedding.
         "tie_word_embeddings": "output.weight" not in gguf_file.tensors,
-        "attention_bias": "blk.0.attn_q.bias" in gguf_file.tensors,
+        "attention_bias": has_bias,
         "bos_token_id": _meta(gguf_file, "tokenizer.ggml.bos_token_id", None),
         "eos_token_id": _meta(gguf_file, "tokenizer.ggml.eos_token_id", None),
         "pad_token_id": _meta(gguf_file, "tokenizer.ggml.padding_token_id", None),
     }
+    if family.model_type.startswith("qwen"):
+        config["use_sliding_window"] = False  # Qwen GGUF files carry no window
+    if family.is_moe:
+        config |= _moe_config(gguf_file, arch, family, num_layers)
+        if family.model_type == "qwen2_moe":
+            config["qkv_bias"] = has_bias
+    if config["intermediate_size"] == 0 and not family.is_moe:
+        _meta(gguf_file, f"{arch}.feed_forward_length")  # raises: missing
     scaling = _rope_scaling(gguf_file, arch, rope_theta, head_dim)
     if scaling is not None:
         config["rope_scaling"] = scaling
     return config
 
 
+def _moe_config(gguf_file: GGUFFile, arch: str, family: GGUFArchitecture, num_layers: int) -> dict:
+    """qwen2_moe / qwen3_moe fields. Layers without a router (ffn_gate_inp) are dense MLPs."""
+    dense_layers = [i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in gguf_file.tensors]
+    fields: dict[str, object] = {
+        "num_experts": int(_meta(gguf_file, f"{arch}.expert_count")),
+        "num_experts_per_tok": int(_meta(gguf_file, f"{arch}.expert_used_count")),
+        "moe_intermediate_size": int(_meta(gguf_file, f"{arch}.expert_feed_forward_length")),
+        # qwen2_moe routes without renormalising the top-k weights unless the file says so;
+        # llama.cpp always renormalises for qwen3_moe, as HF's Qwen3-MoE configs do.
+        "norm_topk_prob": bool(_meta(gguf_file, f"{arch}.expert_weights_norm",
+                                     family.model_type == "qwen3_moe")),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": dense_layers,
+    }
+    if family.model_type == "qwen2_moe":
+        fields["shared_expert_intermediate_size"] = int(
+            _meta(gguf_file, f"{arch}.expert_shared_feed_forward_length", 0)
+        )
+    return fields
+
+
 def read_gguf_config(path: str | Path) -> dict:
-    """The HF llama `config.json` dict a GGUF file describes, without reading its weights."""
+    """The HF `config.json` dict a GGUF file describes, without reading its weights."""
     return _gguf_config(open_gguf(path))
 
 
 # -- tensors --------------------------------------------------------------------------------
-# GGUF name -> (HF name, head-count field whose rows to un-permute, required). `{i}` is the layer.
+# GGUF name -> (HF name, head-count field whose rows to un-permute in llama files, required).
+# `{i}` is the layer; `{e}` marks a [E, ...] tensor of all experts, split into one per expert.
 GGUF_TO_HF: dict[str, tuple[str, str | None, bool]] = {
     "token_embd.weight": ("model.embed_tokens.weight", None, True),
     "output_norm.weight": ("model.norm.weight", None, True),
@@ -392,22 +568,49 @@ GGUF_TO_HF: dict[str, tuple[str, str | None, bool]] = {
     "blk.{i}.attn_q.bias": ("model.layers.{i}.self_attn.q_proj.bias", "num_attention_heads", False),
     "blk.{i}.attn_k.bias": ("model.layers.{i}.self_attn.k_proj.bias", "num_key_value_heads", False),
     "blk.{i}.attn_v.bias": ("model.layers.{i}.self_attn.v_proj.bias", None, False),
+    "blk.{i}.attn_q_norm.weight": ("model.layers.{i}.self_attn.q_norm.weight", None, False),
+    "blk.{i}.attn_k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight", None, False),
     "blk.{i}.attn_output.weight": ("model.layers.{i}.self_attn.o_proj.weight", None, True),
     "blk.{i}.ffn_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight", None, True),
-    "blk.{i}.ffn_gate.weight": ("model.layers.{i}.mlp.gate_proj.weight", None, True),
-    "blk.{i}.ffn_up.weight": ("model.layers.{i}.mlp.up_proj.weight", None, True),
-    "blk.{i}.ffn_down.weight": ("model.layers.{i}.mlp.down_proj.weight", None, True),
+    # Dense MLP, or the MoE router, experts and shared expert (required per layer kind).
+    "blk.{i}.ffn_gate.weight": ("model.layers.{i}.mlp.gate_proj.weight", None, False),
+    "blk.{i}.ffn_up.weight": ("model.layers.{i}.mlp.up_proj.weight", None, False),
+    "blk.{i}.ffn_down.weight": ("model.layers.{i}.mlp.down_proj.weight", None, False),
+    "blk.{i}.ffn_gate_inp.weight": ("model.layers.{i}.mlp.gate.weight", None, False),
+    "blk.{i}.ffn_gate_exps.weight": ("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", None, False),
+    "blk.{i}.ffn_up_exps.weight": ("model.layers.{i}.mlp.experts.{e}.up_proj.weight", None, False),
+    "blk.{i}.ffn_down_exps.weight": ("model.layers.{i}.mlp.experts.{e}.down_proj.weight", None, False),
+    "blk.{i}.ffn_gate_shexp.weight": ("model.layers.{i}.mlp.shared_expert.gate_proj.weight", None, False),
+    "blk.{i}.ffn_up_shexp.weight": ("model.layers.{i}.mlp.shared_expert.up_proj.weight", None, False),
+    "blk.{i}.ffn_down_shexp.weight": ("model.layers.{i}.mlp.shared_expert.down_proj.weight", None, False),
+    "blk.{i}.ffn_gate_inp_shexp.weight": ("model.layers.{i}.mlp.shared_expert_gate.weight", None, False),
 }
+_DENSE_MLP = ("ffn_gate", "ffn_up", "ffn_down")
+_MOE_MLP = ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
 _CONSUMED = {"rope_freqs.weight"}  # folded into the config's rope_scaling
 
 
 def _require(gguf_file: GGUFFile, name: str) -> None:
     if name not in gguf_file.tensors:
+        arch = gguf_file.metadata.get("general.architecture", "llama")
         raise ModelLoadError(
             f"{gguf_file.path}: required tensor {name} is missing; the file is incomplete or not a "
-            f"llama model ({_FIX_REDOWNLOAD})"
+            f"{arch} model ({_FIX_REDOWNLOAD})"
         )
+
+
+def _required_tensors(config: dict) -> list[str]:
+    names = [t for t, (_, _, required) in GGUF_TO_HF.items() if required and "{i}" not in t]
+    layer_names = [t for t, (_, _, required) in GGUF_TO_HF.items() if required and "{i}" in t]
+    dense_layers = set(config.get("mlp_only_layers", ())) if "num_experts" in config else None
+    for i in range(config["num_hidden_layers"]):
+        names += [t.format(i=i) for t in layer_names]
+        mlp = _MOE_MLP if dense_layers is not None and i not in dense_layers else _DENSE_MLP
+        names += [f"blk.{i}.{n}.weight" for n in mlp]
+        if config["model_type"] in ("qwen3", "qwen3_moe"):
+            names += [f"blk.{i}.attn_q_norm.weight", f"blk.{i}.attn_k_norm.weight"]
+    return names
 
 
 def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -425,14 +628,13 @@ def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 def load_gguf(
     path: str | Path, dtype: torch.dtype = torch.float32
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """`(hf_config, state_dict)` of a llama GGUF file, with HF names, shapes and q/k row order."""
+    """`(hf_config, state_dict)` of a GGUF file, with HF names, shapes and q/k row order."""
     gguf_file = open_gguf(path)
     config = _gguf_config(gguf_file)
+    _, family = _architecture(gguf_file)
     num_layers = config["num_hidden_layers"]
-    for template, (_, _, required) in GGUF_TO_HF.items():
-        if required:
-            for i in range(num_layers if "{i}" in template else 1):
-                _require(gguf_file, template.format(i=i))
+    for name in _required_tensors(config):
+        _require(gguf_file, name)
 
     state_dict: dict[str, torch.Tensor] = {}
     for name in gguf_file.tensors:
@@ -440,7 +642,8 @@ def load_gguf(
         template = f"blk.{{i}}.{match.group(2)}" if match else name
         if template not in GGUF_TO_HF:
             if name not in _CONSUMED:
-                logger.warning("%s: ignoring tensor %s (no HF llama equivalent)", gguf_file.path, name)
+                logger.warning("%s: ignoring tensor %s (no HF %s equivalent)", gguf_file.path,
+                               name, family.model_type)
             continue
         if match and int(match.group(1)) >= num_layers:
             logger.warning(
@@ -449,9 +652,15 @@ def load_gguf(
             continue
         hf_template, heads_field, _ = GGUF_TO_HF[template]
         values = gguf_file.read_tensor(name)
-        if heads_field is not None:
+        if heads_field is not None and family.permuted_rotary:
             values = unpermute_rotary_rows(values, config[heads_field])
-        hf_name = hf_template.format(i=match.group(1) if match else "")
-        state_dict[hf_name] = torch.from_numpy(values).to(dtype)
+        hf_name = hf_template.format(i=match.group(1) if match else "", e="{e}")
+        if template.endswith("ffn_gate_inp_shexp.weight"):
+            values = values.reshape(1, -1)  # GGUF stores the [1, hidden] gate as a vector
+        if "{e}" in hf_name:  # [E, rows, cols]: one HF tensor per expert
+            for e, expert in enumerate(values):
+                state_dict[hf_name.format(e=e)] = torch.from_numpy(expert).to(dtype)
+        else:
+            state_dict[hf_name] = torch.from_numpy(values).to(dtype)
     logger.debug("%s: loaded %d tensors", gguf_file.path, len(state_dict))
     return config, state_dict

@@ -235,18 +235,17 @@ def test_linear_rope_scaling(tmp_path):
 
 
 # -- errors ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q6_K])
+@pytest.mark.parametrize("qtype", [Q.IQ4_NL, Q.TQ2_0])
 def test_unsupported_tensor_type(tmp_path, qtype):
-    if qtype == Q.Q6_K:  # gguf-py cannot quantize to K-quants: hand-build zero blocks
-        block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        odd = (np.zeros((FFN, 256 // block_size * type_size), np.uint8), qtype)
-    else:
-        odd = (tiny_hf_state()["model.layers.1.mlp.up_proj.weight"], qtype)
+    # gguf-py cannot quantize to these: hand-build zero blocks for one row of 256 values.
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    odd = (np.zeros((FFN, 256 // block_size * type_size), np.uint8), qtype)
     path = write_tiny_llama(tmp_path / "odd_type.gguf", tiny_hf_state(),
                             extra_tensors={"blk.1.ffn_up.weight": odd})
     message = one_line_error(load_gguf, path)
     assert "odd_type.gguf" in message and "blk.1.ffn_up.weight" in message
-    assert qtype.name in message and "Q4_1" in message and "Q8_0" in message
+    assert qtype.name in message and "Q4_K" in message and "Q8_0" in message
+    assert "re-quantize" in message
 
 
 def test_missing_tensor(tmp_path):
