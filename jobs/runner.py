@@ -32,8 +32,7 @@ from pathlib import Path
 from jobs.spec import JobSpec
 from jobs.state import JobState
 from pipeline.output import remove_stale_tmp_files
-from pipeline.prompts import PROMPT_VERSION
-from pipeline.service import describe, open_pool, run_documents
+from pipeline.service import open_pool, route_columns, run_documents, run_fingerprint
 from pipeline.stores import Document, open_store
 
 logger = logging.getLogger(__name__)
@@ -85,17 +84,18 @@ def run_job(spec: JobSpec, *, engine=None, pool=None,
             _remove_leftovers(out)
             run_id = state.begin_run()
             try:
-                info = describe(spec.run)
+                fingerprint = run_fingerprint(spec.run)
+                # opened now, so a bad store fails before any replica starts
+                docs = open_store(spec.input_path, glob=spec.glob, id_column=spec.id_column,
+                                  text_column=spec.text_column, limit=spec.limit,
+                                  columns=route_columns(spec.run))
             except BaseException as exc:
                 state.end_run(run_id, "failed", note=_error_note(exc))
                 raise
-            fingerprint = spec.run.fingerprint(info.weights_hash, PROMPT_VERSION)
             skipped = 0
 
             def todo() -> Iterator[Document]:
                 nonlocal skipped
-                docs = open_store(spec.input_path, glob=spec.glob, id_column=spec.id_column,
-                                  text_column=spec.text_column, limit=spec.limit)
                 for doc in docs:
                     if doc.error is None and state.is_done(doc.doc_id, doc.content_hash, fingerprint):
                         skipped += 1

@@ -15,6 +15,21 @@ and the fix. Example (examples/jobs/sotu.toml):
     [schedule]
     cron = "0 2 * * *"
     timezone = "Europe/Paris"       # the cron's wall clock; default "UTC"
+
+Several model pools, and rules that route requests to them (first match wins, else the first
+pool); `routes` must come before the first table:
+
+    routes = ["tokens >= 32000 -> swa", "stage == reduce -> moe"]
+    [[pools]]
+    name = "moe"
+    model = "path/to/an-moe-model.gguf"
+    [[pools]]
+    name = "swa"
+    model = "gemma-3-270m"
+    workers = 2
+
+The run settings' sections and keys ([model], [engine], [chunking], [strategy],
+[resources]) are declared once, in pipeline.settings.
 """
 
 from __future__ import annotations
@@ -24,59 +39,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import STRATEGIES, RunConfig
+from pipeline.config import RunConfig
+from pipeline.settings import JOB_SECTIONS, POOL_SETTINGS, Setting, SettingError, type_name
 
 
 class JobSpecError(ValueError):
     """The job file is invalid; the message names the file, the key and the fix."""
 
 
-# section -> key -> (type(s), RunConfig field or None, default)
-_INT, _FLOAT, _STR, _BOOL = int, (int, float), str, bool
-SCHEMA: dict[str, dict[str, tuple[Any, str | None, Any]]] = {
-    "job": {"name": (_STR, None, None)},
-    "input": {
-        "path": (_STR, None, None),
-        "glob": (_STR, None, "**/*"),
-        "id_column": (_STR, None, "id"),
-        "text_column": (_STR, None, "text"),
-        "limit": (_INT, None, None),
-    },
-    "output": {"path": (_STR, None, None)},
-    "model": {"name": (_STR, "model", None), "dtype": (_STR, "dtype", None),
-              "kv_cache_dtype": (_STR, "kv_cache_dtype", None)},
-    "engine": {
-        "max_num_seqs": (_INT, "max_num_seqs", None),
-        "max_num_batched_tokens": (_INT, "max_num_batched_tokens", None),
-        "kv_cache_memory_bytes": (_INT, "kv_cache_memory_bytes", None),
-        "batch_invariant": (_BOOL, "batch_invariant", None),
-    },
-    "chunking": {
-        "chunk_tokens": (_INT, "chunk_tokens", None),
-        "overlap": (_INT, "overlap", None),
-        "encoding": (_STR, "encoding", None),
-    },
-    "strategy": {
-        "name": (_STR, "strategy", None),
-        "task": (_STR, "task", None),
-        "reduce_task": (_STR, "reduce_task", None),
-        "max_summary_tokens": (_INT, "max_summary_tokens", None),
-        "context_summary_tokens": (_INT, "context_summary_tokens", None),
-        "temperature": (_FLOAT, "temperature", None),
-        "repetition_penalty": (_FLOAT, "repetition_penalty", None),
-        "seed": (_INT, "seed", None),
-    },
-    "resources": {
-        "workers": (_INT, "workers", None),
-        "num_gpus": (_FLOAT, "num_gpus", None),
-        "address": (_STR, "address", None),
-        "use_ray": (_BOOL, "use_ray", None),
-        "max_inflight_docs": (_INT, "max_inflight_docs", None),
-        "restart_timeout_s": (_FLOAT, "restart_timeout_s", None),
-    },
-    "schedule": {"cron": (_STR, None, None), "missed": (_STR, None, "skip"),
-                 "timezone": (_STR, None, "UTC")},
+# Job-file keys that are not run settings: section -> key -> (type, default)
+_JOB_KEYS: dict[str, dict[str, tuple[type, object]]] = {
+    "job": {"name": (str, None)},
+    "input": {"path": (str, None), "glob": (str, "**/*"), "id_column": (str, "id"),
+              "text_column": (str, "text"), "limit": (int, None)},
+    "output": {"path": (str, None)},
+    "schedule": {"cron": (str, None), "missed": (str, "skip"), "timezone": (str, "UTC")},
 }
+# The sections a job file may have, in documentation order; the run settings' sections come
+# from pipeline.settings (one declaration of each setting).
+SECTIONS = ["job", "input", "output", *JOB_SECTIONS, "schedule"]
+TOP_LEVEL = ("pools", "routes")  # [[pools]] tables and the routes = [...] list
 REQUIRED = [("input", "path"), ("output", "path")]
 MISSED_POLICIES = ("skip", "run-once")
 
@@ -98,10 +80,10 @@ class JobSpec:
     raw: dict[str, Any] = field(default_factory=dict)
 
 
-def _type_name(t) -> str:
-    if isinstance(t, tuple):
-        return "number"
-    return {int: "integer", str: "string", bool: "true/false"}[t]
+def _is(value: Any, want: type) -> bool:
+    if want is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, want) and not (want is not bool and isinstance(value, bool))
 
 
 def load_job(path: str | Path) -> JobSpec:
@@ -117,49 +99,87 @@ def load_job(path: str | Path) -> JobSpec:
     return parse_job(raw, path)
 
 
+def _pools(path: Path, raw: Any) -> list[dict[str, Any]]:
+    """[[pools]] tables, each key checked against the pool settings."""
+    if not isinstance(raw, list) or not all(isinstance(p, dict) for p in raw):
+        raise JobSpecError(f"{path}: pools must be [[pools]] tables (name = ..., model = ...)")
+    if not raw:
+        raise JobSpecError(f"{path}: pools = [] is empty; add [[pools]] tables with a name and "
+                           f"a model, or leave pools out for one pool of [model]")
+    allowed: dict[str, Setting | None] = {"name": None, **{s.name: s for s in POOL_SETTINGS}}
+    out = []
+    for i, table in enumerate(raw):
+        where = f"pools[{i}]" + (f" ({table['name']!r})" if isinstance(table.get("name"), str) else "")
+        for key, value in table.items():
+            if key not in allowed:
+                raise JobSpecError(f"{path}: unknown key {key} in {where}; a pool may set "
+                                   f"{', '.join(allowed)}")
+            want = allowed[key].type if allowed[key] else str
+            if not _is(value, want):
+                raise JobSpecError(f"{path}: {where}.{key} = {value!r} should be {type_name(want)}")
+        if "name" not in table:
+            raise JobSpecError(f"{path}: {where} has no name; add name = \"...\" to it")
+        out.append(dict(table))
+    return out
+
+
 def parse_job(raw: dict[str, Any], path: Path) -> JobSpec:
     values: dict[tuple[str, str], Any] = {}
+    run_kwargs: dict[str, Any] = {}
+    where_of: dict[str, str] = {}  # setting -> its key in this file
     for section, body in raw.items():
-        if section not in SCHEMA:
+        if section in TOP_LEVEL:
+            if section == "pools":
+                run_kwargs["pools"] = _pools(path, body)
+            else:
+                if not isinstance(body, list) or not all(isinstance(r, str) for r in body):
+                    raise JobSpecError(f"{path}: routes must be a list of strings such as "
+                                       f"[\"tokens >= 32000 -> swa\"] (at the top of the file)")
+                run_kwargs["routes"] = body
+            continue
+        if section not in SECTIONS:
             raise JobSpecError(
-                f"{path}: unknown section [{section}]; valid sections: {', '.join(SCHEMA)}"
+                f"{path}: unknown section [{section}]; valid sections: {', '.join(SECTIONS)}"
+                f" (and [[pools]], routes)"
             )
         if not isinstance(body, dict):
             raise JobSpecError(f"{path}: {section} must be a [{section}] table")
+        settings = JOB_SECTIONS.get(section, {})
+        keys = list(_JOB_KEYS.get(section, {})) + list(settings)
         for key, value in body.items():
-            if key not in SCHEMA[section]:
+            if key not in keys:
                 raise JobSpecError(
                     f"{path}: unknown key {section}.{key}; valid keys in [{section}]: "
-                    f"{', '.join(SCHEMA[section])}"
+                    f"{', '.join(keys)}"
                 )
-            want = SCHEMA[section][key][0]
-            ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
-            if not ok:
-                raise JobSpecError(
-                    f"{path}: {section}.{key} = {value!r} should be a {_type_name(want)}"
-                )
-            values[(section, key)] = value
+            if key in settings:
+                setting = settings[key]
+                if not _is(value, setting.type):
+                    raise JobSpecError(f"{path}: {section}.{key} = {value!r} should be "
+                                       f"{type_name(setting.type)}")
+                run_kwargs[setting.name] = value
+                where_of[setting.name] = f"{section}.{key}"
+            else:
+                want = _JOB_KEYS[section][key][0]
+                if not _is(value, want):
+                    raise JobSpecError(f"{path}: {section}.{key} = {value!r} should be "
+                                       f"{type_name(want)}")
+                values[(section, key)] = value
     for section, key in REQUIRED:
         if (section, key) not in values:
             raise JobSpecError(f"{path}: missing {section}.{key}; add it under [{section}]")
-
-    run_kwargs = {}
-    for (section, key), value in values.items():
-        field_name = SCHEMA[section][key][1]
-        if field_name:
-            run_kwargs[field_name] = value
-    if run_kwargs.get("strategy", "map-reduce") not in STRATEGIES:
-        raise JobSpecError(
-            f"{path}: strategy.name = {run_kwargs['strategy']!r}; use one of {', '.join(STRATEGIES)}"
-        )
     try:
         run = RunConfig(**run_kwargs)
+    except SettingError as exc:
+        # name the setting as this file spells it
+        s = next(s for t in JOB_SECTIONS.values() for s in t.values() if s.name == exc.name)
+        key = where_of.get(exc.name, f"{s.section}.{s.job_key}")
+        raise JobSpecError(f"{path}: {key} = {exc.value!r}: {exc.problem}") from None
     except ValueError as exc:
-        # RunConfig names its own field; map it back to the job file's key.
         raise JobSpecError(f"{path}: {exc}") from None
 
     def get(section: str, key: str):
-        return values.get((section, key), SCHEMA[section][key][2])
+        return values.get((section, key), _JOB_KEYS[section][key][1])
 
     base = path.parent
     missed = get("schedule", "missed")

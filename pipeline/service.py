@@ -12,8 +12,9 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.config import PREFILL_ALIGN, RunConfig
+from pipeline.config import PoolConfig, RunConfig
 from pipeline.output import ResultWriter
+from pipeline.routing import RouteTable
 from pipeline.runner import PipelineRunner, PromptFitter, RunStats, largest_mergeable_summary
 from pipeline.stores import Document
 from workers.host import EngineSpec
@@ -25,69 +26,115 @@ class ConfigError(ValueError):
     """A run cannot start as configured; the message names the setting and the fix."""
 
 
-def engine_spec(config: RunConfig) -> EngineSpec:
-    engine = dict(max_num_seqs=config.max_num_seqs,
-                  max_num_batched_tokens=config.max_num_batched_tokens,
-                  batch_invariant=config.batch_invariant, prefill_align_tokens=PREFILL_ALIGN)
+def _threads_per_replica(config: RunConfig) -> int:
+    """CPU replicas of all pools share the machine's cores evenly."""
+    num_cpu_replicas = sum(p.workers for p in config.pool_configs() if p.device == "cpu")
+    return max(1, (os.cpu_count() or 1) // max(1, num_cpu_replicas))
+
+
+def engine_spec(config: RunConfig, pool: PoolConfig | None = None) -> EngineSpec:
+    """What each replica of `pool` (default: the first) builds."""
+    pool = pool or config.pool_configs()[0]
+    engine = dict(max_num_seqs=pool.max_num_seqs,
+                  max_num_batched_tokens=pool.max_num_batched_tokens,
+                  batch_invariant=config.batch_invariant)
     # Replicas get the resolved names, so every one computes what the fingerprint says.
-    dtype, engine["kv_cache_dtype"] = config.resolved_dtypes()
-    if config.kv_cache_memory_bytes:
-        engine["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
-    device = config.device
-    threads = None
-    if device == "cpu":
-        threads = max(1, (os.cpu_count() or 1) // config.workers)
-    return EngineSpec(model=config.model, dtype=dtype, device=device,
+    dtype, engine["kv_cache_dtype"] = pool.resolved_dtypes()
+    if pool.kv_cache_memory_bytes:
+        engine["kv_cache_memory_bytes"] = pool.kv_cache_memory_bytes
+    threads = _threads_per_replica(config) if pool.device == "cpu" else None
+    return EngineSpec(model=pool.model, dtype=dtype, device=pool.device,
                       num_threads=threads, engine=engine)
 
 
-def describe(config: RunConfig):
-    """Tokenizer, context length and identity of the model, without loading its weights."""
+def _describe_model(model: str, where: str = ""):
     from models.errors import ModelLoadError
     from models.loading import describe_model
 
     try:
-        info = describe_model(config.model)
+        info = describe_model(model)
     except ModelLoadError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(f"{where}{exc}") from None
     if info.tokenizer is None:
         raise ConfigError(
-            f"model {config.model!r} has no tokenizer (tokenizer.json); docpipe needs one to build prompts"
-        )
+            f"{where}model {model!r} has no tokenizer (tokenizer.json); docpipe needs one to "
+            f"build prompts")
     return info
+
+
+def describe(config: RunConfig):
+    """Tokenizer, context length and identity of the first pool's model, without loading its
+    weights."""
+    return _describe_model(config.pool_configs()[0].model)
+
+
+def describe_pools(config: RunConfig) -> dict:
+    """Pool name -> its model's description (tokenizer, context, weights hash); each model
+    described once."""
+    pools = config.pool_configs()
+    by_model: dict[str, object] = {}
+    out = {}
+    for p in pools:
+        if p.model not in by_model:
+            by_model[p.model] = _describe_model(p.model, f"pool {p.name!r}: " if len(pools) > 1 else "")
+        out[p.name] = by_model[p.model]
+    return out
+
+
+def route_columns(config: RunConfig) -> list[str]:
+    """The store columns the routing rules read (`open_store(columns=...)`)."""
+    return RouteTable(config.routes, config.pool_names).columns
+
+
+def run_fingerprint(config: RunConfig, infos: dict | None = None) -> str:
+    from pipeline.prompts import PROMPT_VERSION
+
+    infos = infos or describe_pools(config)
+    return config.fingerprint({name: info.weights_hash for name, info in infos.items()},
+                              PROMPT_VERSION)
 
 
 MERGING_STRATEGIES = ("map-reduce", "overlap-summary")
 
 
-def check_merge_fits(config: RunConfig, info) -> None:
+def check_merge_fits(config: RunConfig, info, pool: str | None = None) -> None:
     """Two pieces of `max_summary_tokens` and the merge prompt must fit the model's context,
     else a merge level could never pair pieces."""
     if config.strategy not in MERGING_STRATEGIES:
         return
+    where = f"pool {pool!r}: " if pool else ""
     largest = largest_mergeable_summary(PromptFitter(info.tokenizer, info.max_model_len), config)
     if config.max_summary_tokens <= largest:
         return
     if largest < 1:
         raise ConfigError(
-            f"strategy {config.strategy!r}: the model's context of {info.max_model_len} tokens "
+            f"{where}strategy {config.strategy!r}: the model's context of {info.max_model_len} tokens "
             f"cannot hold a merge prompt with two summaries; shorten reduce_task, or use "
             f"strategy refine")
     raise ConfigError(
-        f"max_summary_tokens={config.max_summary_tokens} is too large for the model's context "
+        f"{where}max_summary_tokens={config.max_summary_tokens} is too large for the model's context "
         f"of {info.max_model_len} tokens: a merge prompt must hold two summaries of that size, "
         f"its instructions and a merged summary; set max_summary_tokens to at most {largest} "
         f"(--max-summary-tokens, or max_summary_tokens under [strategy] in a job file)")
 
 
+def check_pools(config: RunConfig, infos: dict) -> None:
+    """Every pool that may serve a merge must fit one (pools that only map need not)."""
+    table = RouteTable(config.routes, list(infos))
+    multi = len(infos) > 1
+    for name in table.pools_for_stage("reduce"):
+        check_merge_fits(config, infos[name], name if multi else None)
+
+
 @contextmanager
 def open_pool(config: RunConfig, engine=None):
-    """A LocalPool (in-process) or a RayPool of `config.workers` replicas."""
-    from workers.pool import LocalPool, RayPool, init_ray
+    """A LocalPool (in-process) or a RayPool: each of the run's pools with its replicas."""
+    from workers.pool import LocalPool, PoolSpec, RayPool, init_ray
 
-    spec = engine_spec(config)
+    pools = config.pool_configs()
+    specs = [PoolSpec(p.name, engine_spec(config, p), p.workers, 1.0, p.num_gpus) for p in pools]
     if engine is not None or not config.use_ray:
-        pool = LocalPool(spec, engine=engine, restart_timeout_s=config.restart_timeout_s)
+        pool = LocalPool(engine=engine, restart_timeout_s=config.restart_timeout_s, pools=specs)
     else:
         try:
             init_ray(config.address)
@@ -97,9 +144,10 @@ def open_pool(config: RunConfig, engine=None):
         import ray
 
         total_cpus = ray.cluster_resources().get("CPU", 1)
-        cpus = max(1.0, min(float(spec.num_threads or 1), total_cpus / config.workers))
-        pool = RayPool(spec, num_replicas=config.workers, num_cpus=cpus, num_gpus=config.num_gpus,
-                       restart_timeout_s=config.restart_timeout_s)
+        num_replicas = sum(s.num_replicas for s in specs)
+        for s in specs:
+            s.num_cpus = max(1.0, min(float(s.engine.num_threads or 1), total_cpus / num_replicas))
+        pool = RayPool(restart_timeout_s=config.restart_timeout_s, pools=specs)
     try:
         yield pool
     finally:
@@ -119,13 +167,12 @@ def run_documents(
 ) -> tuple[RunStats, list[dict]]:
     """Run the pipeline over `documents`, writing one row per document to `output`.
 
-    Returns the run's stats and the replicas' engine stats."""
-    info = describe(config)
-    check_merge_fits(config, info)
+    Returns the run's stats and the replicas' engine stats (each names its pool)."""
+    infos = describe_pools(config)
+    check_pools(config, infos)
 
     def go(p) -> tuple[RunStats, list[dict]]:
-        runner = PipelineRunner(config, p, info.tokenizer, info.max_model_len, info.model_id,
-                                info.weights_hash, cached=cached, on_result=on_result,
+        runner = PipelineRunner(config, p, infos, cached=cached, on_result=on_result,
                                 on_progress=on_progress)
         with ResultWriter(output, fmt) as writer:
             stats = runner.run(documents, writer.write)

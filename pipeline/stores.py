@@ -241,7 +241,8 @@ def _check_parquet(files: list[Path], text_column: str) -> dict[Path, str]:
 
 
 def _read_parquet(files: list[Path], id_column: str, text_column: str,
-                  batch_size: int, problems: dict[Path, str]) -> Iterator[Document]:
+                  batch_size: int, problems: dict[Path, str],
+                  meta_columns: tuple[str, ...] = ()) -> Iterator[Document]:
     for path in files:
         if path in problems:
             yield _failed(f"{path.name}:*", str(path), b"", problems[path], {"format": "parquet"})
@@ -249,15 +250,19 @@ def _read_parquet(files: list[Path], id_column: str, text_column: str,
         pf = pq.ParquetFile(path)
         has_id = id_column in pf.schema_arrow.names
         columns = [text_column] + ([id_column] if has_id and id_column != text_column else [])
+        extra = [c for c in meta_columns if c in pf.schema_arrow.names and c not in columns]
+        columns += extra
         stem = path.stem
         row = 0
         for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
             texts = batch.column(text_column).to_pylist()
             ids = batch.column(id_column).to_pylist() if has_id else [None] * len(texts)
-            for value, id_value in zip(texts, ids, strict=True):
+            metas = [batch.column(c).to_pylist() for c in extra]
+            for j, (value, id_value) in enumerate(zip(texts, ids, strict=True)):
                 source = f"{path}#{row}"
                 doc_id = _id_value(id_value) or f"{stem}:{row}"
                 meta = {"format": "parquet", "row": row}
+                meta.update((c, values[j]) for c, values in zip(extra, metas))
                 raw = b""
                 if isinstance(value, bytes):
                     raw = value
@@ -309,6 +314,34 @@ def _dedup(docs: Iterator[Document], limit: int | None) -> Iterator[Document]:
             return
 
 
+def _check_columns(path: Path, kind: str, columns: tuple[str, ...], have: list[str] | None) -> None:
+    """Routing rules name metadata columns: each must be in the store, before any work."""
+    if not columns:
+        return
+    if have is None:
+        raise StoreError(f"input {str(path)!r} is a directory of text files: it has no columns "
+                         f"for the rule(s) on column:{columns[0]}; use a JSONL or Parquet store, "
+                         f"or route by tokens or stage")
+    for c in columns:
+        if c not in have:
+            raise StoreError(f"input {str(path)!r}: routing rule names column {c!r}, which the "
+                             f"{kind} does not have (columns: {', '.join(have) or 'none'}); fix "
+                             f"the rule's column:NAME")
+
+
+def _jsonl_columns(path: Path) -> list[str] | None:
+    """The keys of the first JSON object of a JSONL file (None when it has none)."""
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    obj = json.loads(raw.decode("utf-8").removeprefix(_UTF8_BOM))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    return None
+                return sorted(obj) if isinstance(obj, dict) else None
+    return None
+
+
 def open_store(
     path: str | Path,
     *,
@@ -317,6 +350,7 @@ def open_store(
     text_column: str = "text",
     limit: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    columns: list[str] | tuple[str, ...] = (),
 ) -> Iterator[Document]:
     """Stream the Documents of the store at `path` (see the module docstring for formats).
 
@@ -324,7 +358,10 @@ def open_store(
     format is unknown, a directory holds no known files, or a Parquet file lacks
     `text_column`. Duplicate doc_ids after the first become failed Documents. `limit` stops after that many
     documents (failed ones included); `batch_size` is the Parquet record-batch size.
+    `columns`: metadata columns routing rules read; each must exist (StoreError), and lands
+    in `Document.metadata` (JSONL rows carry all their other fields there anyway).
     """
+    columns = tuple(columns)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise StoreError(f"limit must be a non-negative integer, got {limit!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -347,8 +384,12 @@ def open_store(
             )
         if parquet_files:
             problems = _check_parquet(parquet_files, text_column)
-            docs = _read_parquet(parquet_files, id_column, text_column, batch_size, problems)
+            good = next(p for p in parquet_files if p not in problems)
+            _check_columns(path, "Parquet dataset", columns, pq.read_schema(good).names)
+            docs = _read_parquet(parquet_files, id_column, text_column, batch_size, problems,
+                                 columns)
         elif text_files:
+            _check_columns(path, "", columns, None)
             docs = _read_text_dir(path, text_files)
         else:
             raise StoreError(
@@ -356,6 +397,7 @@ def open_store(
                 f"{glob!r}; check the path or pass --glob"
             )
     elif path.suffix.lower() in TEXT_SUFFIXES:
+        _check_columns(path, "", columns, None)
         docs = _read_text_dir(path.parent, [path])
     elif path.suffix.lower() in JSONL_SUFFIXES:
         try:
@@ -364,10 +406,13 @@ def open_store(
         except OSError as exc:
             raise StoreError(f"cannot read {str(path)!r} ({exc.strerror or exc}); "
                              f"check its permissions") from exc
+        if columns:
+            _check_columns(path, "first JSON object", columns, _jsonl_columns(path) or [])
         docs = _read_jsonl(path, id_column, text_column)
     elif path.suffix.lower() in PARQUET_SUFFIXES:
         problems = _check_parquet([path], text_column)
-        docs = _read_parquet([path], id_column, text_column, batch_size, problems)
+        _check_columns(path, "Parquet file", columns, pq.read_schema(path).names)
+        docs = _read_parquet([path], id_column, text_column, batch_size, problems, columns)
     else:
         raise StoreError(
             f"input {str(path)!r} has an unknown format {path.suffix or '(no suffix)'!r}; "

@@ -37,7 +37,9 @@ class WorkRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: dict[str, Any]  # SamplingParams fields
+    # affinity key (workers.router): "" for none; "DOC" or "DOC#SUB", released per DOC
     routing_key: str = ""
+    pool: str = ""  # the model pool that must serve it; "": the first
 
 
 @dataclass(slots=True)

@@ -1,8 +1,10 @@
 """Model replicas behind one interface: `submit(requests)`, `results()`, `stats()`, `close()`.
 
-`LocalPool` runs one engine in this process (tests, single-machine runs without Ray).
-`RayPool` runs one `EngineActor` per replica (`num_gpus` each on GPU clusters) and routes each
-document to one replica. Both replace a replica that fails (its process dies, or its engine
+A pool set holds one or more named model pools (`PoolSpec`: an engine spec and its replica
+count); each request names its pool (`WorkRequest.pool`, "" for the first) and the router
+picks a replica of it. `LocalPool` runs one engine per pool in this process (tests,
+single-machine runs without Ray). `RayPool` runs one `EngineActor` per replica (`num_gpus`
+each on GPU clusters). Both replace a replica that fails (its process dies, or its engine
 thread raises) and resubmit the requests it held; a request blamed for `max_attempts`
 failures comes back as an error result instead (`workers.faults`), so one poison request
 fails its document, not the run. `num_restarts` counts the restarts; a restart that does not
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from workers.faults import MAX_ATTEMPTS, RequestFaults
@@ -30,6 +33,26 @@ class ReplicaStartTimeout(RuntimeError):
     pass
 
 
+@dataclass(slots=True)
+class PoolSpec:
+    """One named model pool: what each replica builds, how many, and their resources."""
+
+    name: str
+    engine: EngineSpec
+    num_replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+def _pool_specs(spec: EngineSpec | None, pools: list[PoolSpec] | None, num_replicas: int = 1,
+                num_cpus: float = 1.0, num_gpus: float = 0.0) -> list[PoolSpec]:
+    if pools is None:
+        assert spec is not None, "give an EngineSpec or a list of PoolSpec"
+        return [PoolSpec("default", spec, num_replicas, num_cpus, num_gpus)]
+    assert pools and len({p.name for p in pools}) == len(pools), "pools need distinct names"
+    return pools
+
+
 class _Replicas:
     """What both pools share: routing, the requests each replica holds, faults, aborts.
 
@@ -38,12 +61,17 @@ class _Replicas:
     `faults` decides which of its requests are resubmitted and which come back as poison.
     Subclasses send with `_send(i, reqs)` and abort with `_abort_on(i, ids)`."""
 
-    def _init_replicas(self, num_replicas: int, max_attempts: int, restart_timeout_s: float) -> None:
+    def _init_replicas(self, pools: list[PoolSpec], max_attempts: int,
+                       restart_timeout_s: float) -> None:
+        self.pools = pools
+        # replica i: its pool; the first pool is the default ("" in a WorkRequest)
+        self.replica_pool: list[PoolSpec] = [p for p in pools for _ in range(p.num_replicas)]
+        num_replicas = len(self.replica_pool)
         self.num_replicas = num_replicas
         self.num_restarts = 0
         self.num_retried_requests = 0
         self.restart_timeout_s = restart_timeout_s
-        self.router = Router(num_replicas)
+        self.router = Router(num_replicas, [p.name for p in self.replica_pool])
         self.faults = RequestFaults(num_replicas, max_attempts)
         self.inflight: list[dict[str, WorkRequest]] = [{} for _ in range(num_replicas)]
         self._poisoned: list[WorkResult] = []  # given up on, returned by the next results()
@@ -59,7 +87,7 @@ class _Replicas:
     def submit(self, requests: list[WorkRequest]) -> None:
         by_replica: dict[int, list[WorkRequest]] = {}
         for r in requests:
-            i = self.router.route(r.routing_key, len(r.prompt_token_ids))
+            i = self.router.route(r.routing_key, len(r.prompt_token_ids), r.pool)
             self.inflight[i][r.request_id] = r
             by_replica.setdefault(i, []).append(r)
         for i, reqs in by_replica.items():
@@ -119,38 +147,56 @@ class _Replicas:
             if nxt:
                 self._send(i, nxt)
 
-    def release(self, routing_key: str) -> None:
-        """A document is done: forget its routing (the router's maps stay bounded)."""
-        self.router.release(routing_key)
+    def release(self, group: str) -> None:
+        """A document is done: forget its routing keys (the router's maps stay bounded)."""
+        self.router.release(group)
+
+    def _label(self, i: int, stats: dict[str, Any]) -> dict[str, Any]:
+        stats["pool"] = self.replica_pool[i].name
+        stats["model"] = self.replica_pool[i].engine.model
+        stats["replica"] = i
+        stats["num_retried_requests"] = self.num_retried_requests
+        return stats
 
 
 class LocalPool(_Replicas):
-    """One engine in this process. An engine failure rebuilds the engine (from `spec`)."""
+    """One engine per pool in this process (a pool's `num_replicas` is taken as 1: the
+    engines share this process's threads). An engine failure rebuilds that engine."""
 
-    def __init__(self, spec: EngineSpec, engine=None, max_attempts: int = MAX_ATTEMPTS,
-                 restart_timeout_s: float = RESTART_TIMEOUT_S) -> None:
-        self.spec = spec
-        self._init_replicas(1, max_attempts, restart_timeout_s)
-        self.host = EngineHost(spec, replica=0, engine=engine)
+    def __init__(self, spec: EngineSpec | None = None, engine=None,
+                 max_attempts: int = MAX_ATTEMPTS, restart_timeout_s: float = RESTART_TIMEOUT_S,
+                 pools: list[PoolSpec] | None = None) -> None:
+        pools = [PoolSpec(p.name, p.engine, 1, p.num_cpus, p.num_gpus)
+                 for p in _pool_specs(spec, pools)]
+        assert engine is None or len(pools) == 1, "a prebuilt engine serves a one-pool set"
+        self.spec = pools[0].engine
+        self._init_replicas(pools, max_attempts, restart_timeout_s)
+        self.hosts = [EngineHost(p.engine, replica=i, engine=engine if i == 0 else None)
+                      for i, p in enumerate(self.replica_pool)]
+
+    @property
+    def host(self) -> EngineHost:
+        return self.hosts[0]
 
     def _send(self, i: int, reqs: list[WorkRequest]) -> None:
         try:
-            self.host.submit(reqs)
+            self.hosts[i].submit(reqs)
         except EngineFailed:
             pass  # they are held in `inflight`; the next results() restarts the engine
 
     def _abort_on(self, i: int, ids: list[str]) -> None:
-        self.host.abort(ids)
+        self.hosts[i].abort(ids)
 
     def _restart_replica(self, i: int) -> None:
         import threading
 
-        self.host.shutdown()
+        self.hosts[i].shutdown()
         box: dict[str, Any] = {}
+        spec = self.replica_pool[i].engine
 
         def build() -> None:
             try:
-                box["host"] = EngineHost(self.spec, replica=0)
+                box["host"] = EngineHost(spec, replica=i)
             except BaseException as exc:  # reported below
                 box["error"] = exc
 
@@ -159,32 +205,39 @@ class LocalPool(_Replicas):
         t.join(self.restart_timeout_s)
         if t.is_alive():
             raise ReplicaStartTimeout(
-                f"replica 0 did not come up within {self.restart_timeout_s:g} s after its engine "
+                f"replica {i} did not come up within {self.restart_timeout_s:g} s after its engine "
                 f"failed (restart_timeout_s); check the model and the machine's memory")
         if "error" in box:
-            raise RuntimeError(f"replica 0 could not be rebuilt: {box['error']}") from box["error"]
-        self.host = box["host"]
+            raise RuntimeError(f"replica {i} could not be rebuilt: {box['error']}") from box["error"]
+        self.hosts[i] = box["host"]
 
     def results(self, timeout: float = 1.0) -> list[WorkResult]:
         done = self._take_poisoned()
-        if not self.inflight[0]:
+        busy = [i for i in range(self.num_replicas) if self.inflight[i]]
+        if not busy:
             if not done:
                 time.sleep(min(timeout, 0.05))
             return done
-        try:
-            got = self.host.collect(timeout)
-        except EngineFailed as exc:
-            self._replica_failed(0, exc.cause)
-            return done + self._take_poisoned()
-        return done + [r for r in got if self._finished(0, r)]
+        # One busy engine: wait on it. Several: short waits in turn, until one has results.
+        wait = timeout if len(busy) == 1 else min(timeout, 0.02)
+        deadline = time.monotonic() + timeout
+        while True:
+            for i in busy:
+                try:
+                    got = self.hosts[i].collect(0 if done else wait)
+                except EngineFailed as exc:
+                    self._replica_failed(i, exc.cause)
+                    return done + self._take_poisoned()
+                done += [r for r in got if self._finished(i, r)]
+            if done or time.monotonic() >= deadline:
+                return done
 
     def stats(self) -> list[dict[str, Any]]:
-        stats = self.host.stats()
-        stats["num_retried_requests"] = self.num_retried_requests
-        return [stats]
+        return [self._label(i, h.stats()) for i, h in enumerate(self.hosts)]
 
     def close(self) -> None:
-        self.host.shutdown()
+        for h in self.hosts:
+            h.shutdown()
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
@@ -232,22 +285,28 @@ def _actor_class():
 
 
 class RayPool(_Replicas):
-    def __init__(self, spec: EngineSpec, num_replicas: int = 1, num_cpus: float = 1,
+    def __init__(self, spec: EngineSpec | None = None, num_replicas: int = 1, num_cpus: float = 1,
                  num_gpus: float = 0, max_attempts: int = MAX_ATTEMPTS,
-                 restart_timeout_s: float = RESTART_TIMEOUT_S) -> None:
+                 restart_timeout_s: float = RESTART_TIMEOUT_S,
+                 pools: list[PoolSpec] | None = None) -> None:
         import ray
 
-        self.spec = spec
-        self.options = dict(num_cpus=num_cpus, num_gpus=num_gpus)
-        self._init_replicas(num_replicas, max_attempts, restart_timeout_s)
-        self.actors = [self._start(i) for i in range(num_replicas)]
+        pools = _pool_specs(spec, pools, num_replicas, num_cpus, num_gpus)
+        self.spec = pools[0].engine
+        self._init_replicas(pools, max_attempts, restart_timeout_s)
+        self.actors = [self._start(i) for i in range(self.num_replicas)]
         self.pending: dict[Any, int] = {}  # collect() future -> replica
         self.tasks: dict[Any, Any] = {}  # submit_task() future -> tag
         self._remote_fns: dict[Callable, Any] = {}
         ray.get([a.ready.remote() for a in self.actors])
 
+    def _options(self, replica: int) -> dict[str, float]:
+        p = self.replica_pool[replica]
+        return dict(num_cpus=p.num_cpus, num_gpus=p.num_gpus)
+
     def _start(self, replica: int):
-        return _actor_class().options(**self.options).remote(self.spec, replica)
+        return _actor_class().options(**self._options(replica)).remote(
+            self.replica_pool[replica].engine, replica)
 
     def _send(self, i: int, reqs: list[WorkRequest]) -> None:
         # Fire and forget: if the replica is dead or its engine failed, the next collect says
@@ -274,7 +333,7 @@ class RayPool(_Replicas):
             raise ReplicaStartTimeout(
                 f"replica {i} did not come up within {self.restart_timeout_s:g} s after a restart "
                 f"(restart_timeout_s); check that the cluster has the CPUs/GPUs for it "
-                f"({self.options}) and that the model loads") from None
+                f"({self._options(i)}) and that the model loads") from None
 
     def results(self, timeout: float = 1.0) -> list[WorkResult]:
         import ray
@@ -349,9 +408,7 @@ class RayPool(_Replicas):
         import ray
 
         stats = ray.get([a.stats.remote() for a in self.actors])
-        for s in stats:
-            s["num_retried_requests"] = self.num_retried_requests
-        return stats
+        return [self._label(i, s) for i, s in enumerate(stats)]
 
     def close(self) -> None:
         import ray

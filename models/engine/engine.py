@@ -24,6 +24,11 @@ from models.transformer import TransformerLM
 logger = logging.getLogger(__name__)
 
 
+# Batch-invariant prefill pieces end at multiples of this many tokens; it shapes the outputs,
+# so the pipeline never changes it (pipeline.settings.min_batched_tokens checks the budget).
+PREFILL_ALIGN_TOKENS = 512
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Engine settings, named as in vLLM where the concept matches."""
@@ -42,7 +47,7 @@ class EngineConfig:
     # of `prefill_align_tokens` (or the prompt's end) and prefix-cache hits count in whole
     # multiples of it; see models.attention. False: pieces cut anywhere, hits per block.
     batch_invariant: bool = False
-    prefill_align_tokens: int = 512
+    prefill_align_tokens: int = PREFILL_ALIGN_TOKENS
     # "auto" (the compute dtype), "float32" or "bfloat16" (with fp32 compute: half the KV
     # bytes); see models.dtypes.resolve_kv_cache_dtype.
     kv_cache_dtype: str = "auto"

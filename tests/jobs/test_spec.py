@@ -48,17 +48,17 @@ def test_good_job(tmp_path):
      "unknown key strategy.nmae; valid keys in [strategy]: name, task, reduce_task, "
      "max_summary_tokens, context_summary_tokens, temperature, repetition_penalty, seed"),
     ("[input]\npath='d'\n[output]\npath='o'\n[extras]\na=1\n",
-     "unknown section [extras]; valid sections: job, input, output, model, engine, chunking, "
-     "strategy, resources, schedule"),
+     "unknown section [extras]; valid sections: job, input, output, model, chunking, "
+     "strategy, resources, engine, schedule (and [[pools]], routes)"),
     ("[input]\npath='d'\n[output]\npath='o'\n[chunking]\nchunk_tokens='big'\n",
-     "chunking.chunk_tokens = 'big' should be a integer"),
+     "chunking.chunk_tokens = 'big' should be an integer"),
     ("[input]\npath='d'\n[output]\npath='o'\n[resources]\nuse_ray=1\n",
-     "resources.use_ray = 1 should be a true/false"),
+     "resources.use_ray = 1 should be true or false"),
     ("[input]\npath='d'\n", "missing output.path; add it under [output]"),
     ("[input]\npath='d'\n[output]\npath='o'\n[chunking]\noverlap=4000\n",
-     "overlap=4000: must be >= 0 and less than half of chunk_tokens (2048)"),
+     "chunking.overlap = 4000: must be >= 0 and less than half of chunk_tokens (2048)"),
     ("[input]\npath='d'\n[output]\npath='o'\n[strategy]\nname='magic'\n",
-     "strategy.name = 'magic'; use one of map-reduce, overlap-summary, refine"),
+     "strategy.name = 'magic': use one of map-reduce, overlap-summary, refine"),
     ("[input]\npath='d'\n[output]\npath='o'\n[schedule]\ncron='every day'\n",
      "schedule.cron = 'every day' is not a valid cron expression (five fields: minute hour day month weekday)"),
     ("[input]\npath='d'\n[output]\npath='o'\n[schedule]\nmissed='all'\n",
@@ -67,7 +67,7 @@ def test_good_job(tmp_path):
      "schedule.timezone = 'Europe/Pariss' is not a known time zone; use an IANA name such as "
      "\"UTC\", \"Europe/Paris\" or \"America/New_York\" (leave it out for UTC)"),
     ("[input]\npath='d'\n[output]\npath='o'\n[resources]\nrestart_timeout_s=0\n",
-     "restart_timeout_s=0: must be > 0 (seconds)"),
+     "resources.restart_timeout_s = 0: must be > 0 (seconds)"),
     ("[input\npath='d'\n", None),
 ])
 def test_bad_job_files(tmp_path, text, expected):

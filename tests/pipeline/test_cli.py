@@ -3,7 +3,7 @@
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from jobs.cli import main
 from pipeline.output import read_results
 
 
@@ -30,7 +30,7 @@ def test_bad_overlap_names_the_option(tmp_path):
     result = invoke("run", tmp_path, "-o", tmp_path / "o.parquet", "--overlap", "5000")
     assert result.exit_code == 1
     assert result.output == (
-        "Error: overlap=5000: must be >= 0 and less than half of chunk_tokens (2048)\n"
+        "Error: --overlap 5000: must be >= 0 and less than half of chunk_tokens (2048)\n"
     )
 
 
