@@ -9,10 +9,13 @@ DEFAULT_REDUCE_TASK = (
     "The following are summaries of consecutive parts of one document. "
     "Combine them into one coherent summary of the whole document."
 )
-CONTEXT_TASK = "Summarize the following text in one sentence."
+CONTEXT_TASK = "Summarize the text above in one sentence."
 
 MAP = "{task}\n\n{text}"
-MAP_WITH_CONTEXT = "{task}\n\nWhat came before this part: {context}\n\nText:\n{text}"
+# overlap-summary: every prompt about a chunk begins with the chunk's text, so a chunk's map
+# prompt and the next chunk's context prompt share their prefix (the prefix cache serves it)
+TEXT_FIRST = "Text:\n{text}\n\n{task}"
+MAP_WITH_CONTEXT = "Text:\n{text}\n\nWhat came before this text: {context}\n\n{task}"
 REFINE = (
     "Here is a summary of a document so far:\n{summary}\n\n"
     "Here is the next part of the document:\n{text}\n\n"
@@ -22,8 +25,8 @@ REDUCE = "{task}\n\n{pieces}"
 PIECE = "Part {n}: {text}"
 
 PROMPT_VERSION = hashlib.sha256(
-    "\x00".join([DEFAULT_TASK, DEFAULT_REDUCE_TASK, CONTEXT_TASK, MAP, MAP_WITH_CONTEXT,
-                 REFINE, REDUCE, PIECE]).encode()
+    "\x00".join([DEFAULT_TASK, DEFAULT_REDUCE_TASK, CONTEXT_TASK, MAP, TEXT_FIRST,
+                 MAP_WITH_CONTEXT, REFINE, REDUCE, PIECE]).encode()
 ).hexdigest()[:12]
 
 
@@ -39,8 +42,12 @@ def map_with_context_prompt(text: str, context: str, task: str | None) -> str:
     return MAP_WITH_CONTEXT.format(task=task or DEFAULT_TASK, context=context.strip(), text=text)
 
 
+def text_first_prompt(text: str, task: str | None) -> str:
+    return TEXT_FIRST.format(task=task or DEFAULT_TASK, text=text)
+
+
 def context_prompt(text: str) -> str:
-    return MAP.format(task=CONTEXT_TASK, text=text)
+    return TEXT_FIRST.format(task=CONTEXT_TASK, text=text)
 
 
 def refine_prompt(summary: str, text: str, task: str | None) -> str:

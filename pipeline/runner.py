@@ -364,7 +364,7 @@ class PipelineRunner:
     def _fail(self, state: _DocState, message: str, write) -> None:
         key = state.strategy.doc_key
         self._active.pop(key, None)
-        orphans = [r for r, (k, _) in self._requests.items() if k == key]
+        orphans = [r for r, (k, _, _) in self._requests.items() if k == key]
         for rid in orphans:
             self._requests.pop(rid)
         abort = getattr(self.pool, "abort", None)

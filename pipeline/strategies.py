@@ -142,13 +142,14 @@ class MapReduce(DocumentStrategy):
 
 
 class OverlapSummary(DocumentStrategy):
-    """Each chunk is prefixed with a short summary of the text before it ("前文摘要")."""
+    """Each chunk comes with a short summary of the text before it ("前文摘要"). Its prompts
+    begin with the chunk text, so map(i) and ctx(i + 1) share a cached prefix."""
 
     name = "overlap-summary"
 
     def start(self) -> list[Request]:
         first = self.chunks[0]
-        reqs = [self.request("map", 0, prompts.map_prompt(first.text, self.task))]
+        reqs = [self.request("map", 0, prompts.text_first_prompt(first.text, self.task))]
         for c in self.chunks[1:]:
             previous = self.chunks[c.index - 1]
             reqs.append(self.request("ctx", c.index, prompts.context_prompt(previous.text),

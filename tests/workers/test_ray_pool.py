@@ -160,3 +160,44 @@ def test_a_request_that_kills_its_replica_fails_its_document_only(ray_session, t
     assert rows["a"]["status"] == "ok" and rows["c"]["status"] == "ok", stats.errors
     assert pool.num_restarts == 3
     assert pool.router.key_to_replica == {} and pool.num_inflight == 0
+
+
+def test_router_spreads_keyless_requests_within_a_pool():
+    router = Router(3, ["a", "b", "b"])
+    assert router.route("", 100, "b") == 1 and router.route("", 100, "b") == 2  # spread
+    assert router.route("", 10, "") == 0  # "" is the first pool
+    assert router.route("d#0", 10, "b") == 1 and router.route("d#0", 10, "b") == 1  # affinity
+    assert router.route("d#1", 10, "b") == 2
+    router.complete("d#0", 1, 10)
+    router.complete("d#0", 1, 10)
+    router.complete("d#1", 2, 10)
+    router.release("d")
+    assert router.key_to_replica == {} and router.group_to_keys == {}
+
+
+def test_two_pools_on_ray_and_one_document_spread_over_replicas(ray_session, tiny_model_dir):
+    """Requests go to the pool they name; keyless requests of one document use both
+    replicas of a pool."""
+    from workers.pool import PoolSpec
+
+    spec = EngineSpec(model=str(tiny_model_dir), dtype="float32", num_threads=1)
+    pool = RayPool(pools=[PoolSpec("a", spec, 2, 1.0)])
+    try:
+        reqs = [WorkRequest(f"doc/map/{i}", [i + 5] * 30, {"max_tokens": 3, "temperature": 0.0},
+                            pool="a") for i in range(6)]
+        pool.submit(reqs)
+        results = list(iter_results(pool))
+        assert not any(r.error for r in results)
+        assert {r.replica for r in results} == {0, 1}
+        assert [s["pool"] for s in pool.stats()] == ["a", "a"]
+    finally:
+        pool.close()
+    pool = RayPool(pools=[PoolSpec("a", spec, 1, 1.0), PoolSpec("b", spec, 1, 1.0)])
+    try:
+        pool.submit([WorkRequest("x/map/0", [5] * 20, {"max_tokens": 2}, pool="b"),
+                     WorkRequest("y/map/0", [6] * 20, {"max_tokens": 2})])
+        by_id = {r.request_id: r.replica for r in iter_results(pool)}
+        assert by_id == {"x/map/0": 1, "y/map/0": 0}
+        assert [s["pool"] for s in pool.stats()] == ["a", "b"]
+    finally:
+        pool.close()

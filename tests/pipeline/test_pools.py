@@ -1,0 +1,72 @@
+"""Two model pools in one run: an MoE pool and a sliding-window dense pool (tiny random
+checkpoints), requests routed by document length and by stage; every chunk and merge entry
+names the pool and model that produced it."""
+
+import pytest
+
+from pipeline.config import RunConfig
+from pipeline.output import read_results
+from pipeline.service import describe_pools, run_documents
+from pipeline.stores import Document, content_hash
+from tests.tiny_checkpoint import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_swa_dir(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mistral"), "mistral",
+                                sliding_window=48)
+
+
+def _doc(doc_id, words):
+    text = " ".join(f"word{i % 37} said{i % 11}." for i in range(words))
+    return Document(doc_id, f"mem/{doc_id}", text, content_hash(text), {"kind": doc_id})
+
+
+def _config(moe, swa, routes, **kw):
+    return RunConfig(dtype="float32", use_ray=False, chunk_tokens=96, overlap=8,
+                     max_summary_tokens=5, routes=routes,
+                     pools=[{"name": "moe", "model": str(moe)}, {"name": "swa", "model": str(swa)}],
+                     **kw)
+
+
+def test_route_by_length(tiny_moe_dir, tiny_swa_dir, tmp_path):
+    config = _config(tiny_moe_dir, tiny_swa_dir, ["tokens >= 300 -> swa"])
+    models = {name: info.model_id for name, info in describe_pools(config).items()}
+    out = tmp_path / "o.parquet"
+    stats, replicas = run_documents(config, [_doc("long", 200), _doc("short", 20)], out)
+    rows = {r["doc_id"]: r for r in read_results(out)}
+    assert stats.num_ok == 2, stats.errors
+    long, short = rows["long"], rows["short"]
+    assert long["num_tokens"] >= 300 > short["num_tokens"]
+    assert len(long["chunks"]) > 2 and long["merges"]
+    assert {(c["pool"], c["model"]) for c in long["chunks"]} == {("swa", models["swa"])}
+    assert {(m["pool"], m["model"]) for m in long["merges"]} == {("swa", models["swa"])}
+    assert {(c["pool"], c["model"]) for c in short["chunks"]} == {("moe", models["moe"])}
+    assert long["model"] == models["swa"] and short["model"] == models["moe"]
+    assert short["expert_tokens"] is not None and long["expert_tokens"] is None  # MoE vs dense
+    assert sorted(r["pool"] for r in replicas) == ["moe", "swa"]
+
+
+def test_route_by_stage(tiny_moe_dir, tiny_swa_dir, tmp_path):
+    config = _config(tiny_moe_dir, tiny_swa_dir, ["stage == reduce -> swa"],
+                     strategy="overlap-summary")
+    models = {name: info.model_id for name, info in describe_pools(config).items()}
+    out = tmp_path / "o.parquet"
+    stats, _ = run_documents(config, [_doc("long", 200)], out)
+    (row,) = read_results(out)
+    assert stats.num_ok == 1, stats.errors
+    assert {c["pool"] for c in row["chunks"]} == {"moe"}
+    assert row["merges"] and {m["pool"] for m in row["merges"]} == {"swa"}
+    # merge entries say which chunks they cover: the last level covers them all
+    assert sorted(row["merges"][-1]["sources"]) == list(range(len(row["chunks"])))
+    assert row["model"] == models["swa"]  # the summary is the last merge's
+
+
+def test_fingerprint_follows_the_rules(tiny_moe_dir, tiny_swa_dir, tmp_path):
+    a = _config(tiny_moe_dir, tiny_swa_dir, ["tokens >= 300 -> swa"])
+    b = _config(tiny_moe_dir, tiny_swa_dir, ["tokens >= 301 -> swa"])
+    out_a, out_b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    run_documents(a, [_doc("short", 20)], out_a)
+    run_documents(b, [_doc("short", 20)], out_b)
+    (ra,), (rb,) = read_results(out_a), read_results(out_b)
+    assert ra["config_fingerprint"] != rb["config_fingerprint"]

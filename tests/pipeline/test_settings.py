@@ -1,0 +1,87 @@
+"""One settings schema: RunConfig, the CLI options, the job-file schema and the fingerprint
+all come from pipeline.settings.SETTINGS."""
+
+import dataclasses
+
+import pytest
+from click.testing import CliRunner
+
+from jobs.cli import main
+from jobs.spec import JobSpecError, parse_job
+from pipeline.config import RunConfig
+from pipeline.settings import SETTINGS, SettingError
+
+
+def _changed(s, current=None):
+    """A valid value other than `current` (default: the setting's default)."""
+    current = s.default if current is None else current
+    if s.name == "kv_cache_dtype":  # float32 would be the float32 compute dtype's own cache
+        return "bfloat16"
+    if s.choices:
+        return next(c for c in s.choices if c not in (current, "auto", "float16"))
+    return {bool: lambda d: not d, int: lambda d: (d or 0) + 7 if s.name != "chunk_tokens" else 4096,
+            float: lambda d: d + 0.5, str: lambda d: "x"}[s.type](current)
+
+
+def test_every_setting_is_a_field_an_option_and_a_job_key(tmp_path):
+    fields = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    help_text = CliRunner().invoke(main, ["run", "-h"]).output
+    for s in SETTINGS:
+        assert fields[s.name] == s.default, s.name
+        option = "--ray/--no-ray" if s.name == "use_ray" else s.option
+        assert option.split("/")[0] in help_text, s.name
+        # the job file key sets the field
+        raw = {"input": {"path": "d"}, "output": {"path": "o"}, s.section: {s.job_key: _changed(s)}}
+        if s.name == "overlap":
+            raw["chunking"]["chunk_tokens"] = 4096
+        if s.name in ("max_num_seqs",):
+            raw.setdefault("engine", {})["max_num_batched_tokens"] = 4096
+        spec = parse_job(raw, tmp_path / "j.toml")
+        assert getattr(spec.run, s.name) == _changed(s), s.name
+
+
+def test_fingerprint_covers_exactly_the_output_settings():
+    base = RunConfig(dtype="float32", chunk_tokens=4096, max_num_batched_tokens=4096)
+    fp = base.fingerprint("w", "p")
+    for s in SETTINGS:
+        if s.name in ("chunk_tokens", "max_num_batched_tokens"):
+            continue
+        other = dataclasses.replace(base, **{s.name: _changed(s, getattr(base, s.name))})
+        changed = other.fingerprint("w", "p") != fp
+        assert changed == s.output, f"{s.name}: output={s.output} but fingerprint changed={changed}"
+
+
+def test_one_pool_fingerprint_is_unchanged_by_the_pool_spelling():
+    plain = RunConfig(model="m", dtype="float32")
+    pooled = RunConfig(pools=[{"name": "default", "model": "m", "dtype": "float32"}])
+    assert plain.fingerprint("w", "p") == pooled.fingerprint("w", "p")
+    two = RunConfig(dtype="float32", pools=[{"name": "a", "model": "m"}, {"name": "b", "model": "m"}])
+    routed = dataclasses.replace(two, routes=["stage == reduce -> b"])
+    assert two.fingerprint({"a": "w", "b": "w"}, "p") != routed.fingerprint({"a": "w", "b": "w"}, "p")
+    assert two.fingerprint({"a": "w", "b": "w"}, "p") != two.fingerprint({"a": "w", "b": "v"}, "p")
+
+
+def test_pools_inherit_the_top_level_and_validate():
+    config = RunConfig(model="m", workers=2, max_num_seqs=8, pools=[
+        {"name": "a"}, {"name": "b", "model": "n", "workers": 1, "dtype": "float32"}])
+    a, b = config.pool_configs()
+    assert (a.name, a.model, a.workers, a.max_num_seqs) == ("a", "m", 2, 8)
+    assert (b.model, b.workers, b.dtype) == ("n", 1, "float32")
+    with pytest.raises(ValueError, match=r"pool 'b': workers=0: must be at least 1"):
+        RunConfig(pools=[{"name": "a"}, {"name": "b", "workers": 0}])
+
+
+def test_alignment_has_one_home():
+    from models.engine.engine import PREFILL_ALIGN_TOKENS, EngineConfig
+    from pipeline.settings import min_batched_tokens
+
+    assert EngineConfig().prefill_align_tokens == PREFILL_ALIGN_TOKENS
+    assert min_batched_tokens(64) == PREFILL_ALIGN_TOKENS + 63
+    with pytest.raises(SettingError, match=f"at least {PREFILL_ALIGN_TOKENS + 63}"):
+        RunConfig(max_num_batched_tokens=PREFILL_ALIGN_TOKENS + 62)
+
+
+def test_job_file_names_the_key_of_a_bad_value(tmp_path):
+    with pytest.raises(JobSpecError, match=r"engine\.max_num_seqs = 0: must be at least 1$"):
+        parse_job({"input": {"path": "d"}, "output": {"path": "o"},
+                   "engine": {"max_num_seqs": 0}}, tmp_path / "j.toml")
