@@ -111,6 +111,47 @@ def test_engine_greedy_matches_transformers_generate(checkpoints, greedy_refs, v
     assert [o.token_ids for o in outs] == refs[variant]
 
 
+# -- the attention scale on every paged path -----------------------------------------------
+@pytest.mark.parametrize("head_dim", [32, 64])  # 64: the native prefill kernel's too
+@pytest.mark.parametrize("window", [None, 16])
+@pytest.mark.parametrize("num_new", [1, 6], ids=["decode", "prefill-after-cached"])
+def test_paged_attention_uses_the_scale(kernels, window, num_new, head_dim):
+    """A gemma3 layer (scale 24**-0.5, head_dim 32 or 64) reading K/V from two runs of cache slots
+    (decode: log-sum-exp merge of the runs or the native kernel; prefill after cached keys:
+    the split or masked call, or the native prefill kernel) gives its no-cache output."""
+    from models.attention import Attention, AttentionMetadata, SeqSpan
+    from models.config import tiny_config
+    from models.layers import RotaryEmbedding
+
+    kind = "full_attention" if window is None else "sliding_attention"
+    config = tiny_config("gemma3_text", num_hidden_layers=1, layer_types=[kind],
+                         head_dim=head_dim)
+    assert config.attention_scale != config.head_dim**-0.5
+    attn = Attention(config, 0)
+    gen = torch.Generator().manual_seed(0)
+    for param in attn.parameters():
+        param.data.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    ctx = 40
+    x = torch.randn(ctx, config.hidden_size, generator=gen)
+    cos, sin = RotaryEmbedding(config, local=window is not None).cos_sin(torch.arange(ctx),
+                                                                         x.dtype)
+    with torch.no_grad():
+        want = attn(x, cos, sin, AttentionMetadata.for_dense([ctx]), None)
+        Hkv, D = config.num_key_value_heads, config.head_dim
+        cache = (torch.zeros(Hkv, 512, D), torch.zeros(Hkv, 512, D))
+        half = 20  # positions [0, 20) in slots 100.., [20, 40) in slots 300..
+        runs = [slice(100, 100 + half), slice(300, 300 + ctx - half)]
+        slots = torch.cat([torch.arange(r.start, r.stop) for r in runs])
+        got = torch.empty_like(want)
+        for lo, hi in [(0, ctx - num_new), (ctx - num_new, ctx)]:  # cache the prefix, then
+            kv_slots = [slice(r.start, min(r.stop, r.start + hi - pos)) for r, pos in
+                        zip(runs, (0, half), strict=True) if hi > pos]
+            span = SeqSpan(0, hi - lo, hi, 0, kv_slots)
+            meta = AttentionMetadata([span], slot_mapping=slots[lo:hi])
+            got[lo:hi] = attn(x[lo:hi], cos[lo:hi], sin[lo:hi], meta, cache)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 # -- each feature changes the output (the tests above would catch its loss) ----------------
 def _no_qk_norm(model):
     for layer in model.layers:
