@@ -44,6 +44,11 @@ def make_tiny_checkpoint(path: Path, model_type: str = "llama", seed: int = 0,
               bos_token_id=vocab - 3)
     if model_type == "mixtral":
         kw.update(num_local_experts=4, num_experts_per_tok=2)
+    if model_type == "qwen3_moe":
+        kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    if model_type == "gemma3_text":  # one local (window 16) and one global layer
+        kw.update(head_dim=32, sliding_window=16, query_pre_attn_scalar=32,
+                  layer_types=["sliding_attention", "full_attention"])
     kw.update(extra)
     config = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(seed)

@@ -294,3 +294,26 @@ def test_qwen3_attention_bias_is_refused():
     with pytest.raises(ModelLoadError, match="attention_bias=True is not supported for qwen3"):
         ModelConfig.from_hf_dict({"model_type": "qwen3", "attention_bias": True,
                                   "num_hidden_layers": 2})
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe", "gemma3_text"])
+def test_llm_generates_as_transformers_on_a_tiny_checkpoint(tmp_path, model_type):
+    """models.LLM on a checkpoint with a tokenizer (tests/tiny_checkpoint.py), a text prompt
+    longer than gemma3's window: the greedy tokens of transformers' generate."""
+    from transformers import AutoModelForCausalLM
+
+    from models import LLM
+    from tests.tiny_checkpoint import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / model_type, model_type)
+    llm = LLM(str(path), dtype="float32", block_size=4, max_num_batched_tokens=32)
+    prompt = "The whale surfaced twice, then dove below the grey water of the bay."
+    ids = llm.get_tokenizer().encode(prompt)
+    assert len(ids) > 40
+    out = llm.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    ref = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,
+                            attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    want = want[0, len(ids):].tolist()  # may stop early, at the checkpoint's EOS
+    assert out[0].token_ids[: len(want)] == want and len(want) > 0
