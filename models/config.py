@@ -11,6 +11,7 @@ filled in from `HF_DEFAULTS` first.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,8 +172,11 @@ class ModelConfig:
 
     @property
     def attention_scale(self) -> float:
-        """The factor on q.k: query_pre_attn_scalar**-0.5 when set, else head_dim**-0.5."""
-        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+        """The factor on q.k: query_pre_attn_scalar**-0.5 when set, else head_dim**-0.5.
+        Written as SDPA computes its default (1 / sqrt, in double: x**-0.5 differs in the
+        last bit for many x), so passing it changes nothing for the other families; both
+        forms round to the same fp32 value, which is what every kernel multiplies by."""
+        return 1.0 / math.sqrt(self.query_pre_attn_scalar or self.head_dim)
 
     def layer_rope_theta(self, layer_id: int) -> float:
         if self.layer_types[layer_id] == "sliding_attention" and self.rope_local_base_freq:

@@ -244,7 +244,7 @@ def test_gemma3_config_forms():
         "gelu_pytorch_tanh", 1_000_000.0, 10_000.0)
     assert c.rope_scaling == {"factor": 8.0, "rope_type": "linear"}
     assert c.layer_types == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
-    assert c.attention_scale == 32**-0.5 and c.tie_word_embeddings and c.is_gemma
+    assert c.attention_scale == pytest.approx(32**-0.5) and c.tie_word_embeddings and c.is_gemma
     nested = {"model_type": "gemma3", "text_config": {
         "model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
         "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
