@@ -76,6 +76,11 @@ NEW_ARCH_VARIANTS: dict[str, tuple[str, dict]] = {
         num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False,
         decoder_sparse_step=2,
     )),
+    # every layer windowed: the engine drops blocks behind the window
+    "qwen3_moe_window": ("qwen3_moe", dict(
+        head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        use_sliding_window=True, sliding_window=16,
+    )),
     # 6 layers, default interleave from the pattern (here 3: layers 2 and 5 global), linear
     # RoPE scaling on the global layers, a window shorter than the test sequences.
     "gemma3": ("gemma3_text", dict(

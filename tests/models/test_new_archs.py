@@ -2,7 +2,8 @@
 
 Full-forward logits within 1e-4 of transformers; the engine (paged KV cache, continuous
 batching, chunked prefill, native kernels on and off) gives transformers' greedy tokens,
-prompts longer than the window included; each feature these architectures add is shown to
+prompts longer than the window included (and blocks behind the window dropped where every
+layer slides: qwen3_moe_window); each feature these architectures add is shown to
 change the output (so the parity tests guard it); config mapping and its errors.
 """
 
@@ -192,6 +193,7 @@ def _no_sandwich_norms(model):
     ("qwen3", _no_qk_norm),
     ("qwen3_moe", _no_qk_norm),
     ("qwen3_window", _no_window),
+    ("qwen3_moe_window", _no_window),
     ("gemma3", _no_qk_norm),
     ("gemma3", _no_unit_offset),
     ("gemma3", _head_dim_scale),
