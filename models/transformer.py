@@ -111,8 +111,8 @@ class TransformerLM(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens[input_ids]
         if self.config.is_gemma:
-            # rounded to the compute dtype first, as the reference does
-            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+            # sqrt(hidden_size) in fp32, then rounded to the compute dtype, as the reference
+            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(x.dtype)
         rope = {False: self.rotary.cos_sin(positions, x.dtype)}
         if any(self.layer_is_local):
             rope[True] = self.rotary_local.cos_sin(positions, x.dtype)
