@@ -225,7 +225,7 @@ class ModelConfig:
                 f"{source}: model_type {model_type!r} is not supported; docpipe loads "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints"
             )
-        raw = {**HF_DEFAULTS.get(model_type, {}), **{k: v for k, v in raw.items() if v is not None}}
+        raw = {**HF_DEFAULTS.get(model_type, {}), **raw}  # for absent keys only: null stays
         if raw.get("use_bidirectional_attention"):
             raise ModelLoadError(f"{source}: use_bidirectional_attention=true (an encoder) is "
                                  "not supported; docpipe runs causal decoders")

@@ -257,6 +257,9 @@ def test_gemma3_config_forms():
     assert (c.vocab_size, c.query_pre_attn_scalar, c.rope_local_base_freq) == (
         262_208, 256, 10_000.0)
     assert c.layer_types.count("full_attention") == 5 and c.sliding_window == 1024
+    assert c.eos_token_id == 1  # Gemma3TextConfig's default
+    nested["text_config"]["eos_token_id"] = None  # an explicit null is kept, as transformers does
+    assert ModelConfig.from_hf_dict(nested).eos_token_id is None
 
 
 def test_qwen3_moe_config_forms():
