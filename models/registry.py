@@ -169,7 +169,7 @@ def assembled_path(spec: EmbeddedModel) -> Path:
 def _is_assembled(spec: EmbeddedModel, target: Path) -> bool:
     try:
         return target.stat().st_size == spec.size
-    except FileNotFoundError:
+    except OSError:  # missing, or the cache path is unusable (reported when writing)
         return False
 
 
