@@ -178,11 +178,6 @@ class ModelConfig:
         forms round to the same fp32 value, which is what every kernel multiplies by."""
         return 1.0 / math.sqrt(self.query_pre_attn_scalar or self.head_dim)
 
-    def layer_rope_theta(self, layer_id: int) -> float:
-        if self.layer_types[layer_id] == "sliding_attention" and self.rope_local_base_freq:
-            return self.rope_local_base_freq
-        return self.rope_theta
-
     def layer_window(self, layer_id: int) -> int | None:
         """Sliding window (in tokens, the query's own position included) of a layer, or None."""
         if self.layer_types[layer_id] == "sliding_attention":
