@@ -19,7 +19,7 @@ import math
 import mmap
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -625,18 +625,25 @@ def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return np.ascontiguousarray(per_head.swapaxes(1, 2)).reshape(weight.shape)
 
 
-def load_gguf(
+def iter_gguf_tensors(
     path: str | Path, dtype: torch.dtype = torch.float32
-) -> tuple[dict, dict[str, torch.Tensor]]:
-    """`(hf_config, state_dict)` of a GGUF file, with HF names, shapes and q/k row order."""
+) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
+    """`(hf_config, tensors)`: the config now (required tensors checked), and the HF-named
+    tensors one at a time as they are dequantized, so a loader copying them into a model
+    holds only one extra tensor at a time instead of a second copy of the model."""
     gguf_file = open_gguf(path)
     config = _gguf_config(gguf_file)
-    _, family = _architecture(gguf_file)
-    num_layers = config["num_hidden_layers"]
     for name in _required_tensors(config):
         _require(gguf_file, name)
+    return config, _hf_tensors(gguf_file, config, dtype)
 
-    state_dict: dict[str, torch.Tensor] = {}
+
+def _hf_tensors(
+    gguf_file: GGUFFile, config: dict, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    _, family = _architecture(gguf_file)
+    num_layers = config["num_hidden_layers"]
+    count = 0
     for name in gguf_file.tensors:
         match = _LAYER_NAME.fullmatch(name)
         template = f"blk.{{i}}.{match.group(2)}" if match else name
@@ -659,8 +666,17 @@ def load_gguf(
             values = values.reshape(1, -1)  # GGUF stores the [1, hidden] gate as a vector
         if "{e}" in hf_name:  # [E, rows, cols]: one HF tensor per expert
             for e, expert in enumerate(values):
-                state_dict[hf_name.format(e=e)] = torch.from_numpy(expert).to(dtype)
+                count += 1
+                yield hf_name.format(e=e), torch.from_numpy(expert).to(dtype)
         else:
-            state_dict[hf_name] = torch.from_numpy(values).to(dtype)
-    logger.debug("%s: loaded %d tensors", gguf_file.path, len(state_dict))
-    return config, state_dict
+            count += 1
+            yield hf_name, torch.from_numpy(values).to(dtype)
+    logger.debug("%s: read %d tensors", gguf_file.path, count)
+
+
+def load_gguf(
+    path: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`(hf_config, state_dict)` of a GGUF file, with HF names, shapes and q/k row order."""
+    config, tensors = iter_gguf_tensors(path, dtype)
+    return config, dict(tensors)

@@ -213,13 +213,13 @@ def load_model(
     path = resolve_model_path(name_or_path)
     model_id = str(name_or_path) if str(name_or_path) in EMBEDDED_MODELS else str(path)
     if path.is_file() and path.suffix == ".gguf":
-        from models.gguf import load_gguf
+        from models.gguf import iter_gguf_tensors
 
-        hf_config, state = load_gguf(path, dtype=torch_dtype)
+        hf_config, tensors = iter_gguf_tensors(path, dtype=torch_dtype)
         config = ModelConfig.from_hf_dict(hf_config, source=str(path))
         config.name = model_id
         model = build_model(config, torch_dtype, device)
-        load_state_dict(model, iter(state.items()), str(path))
+        load_state_dict(model, tensors, str(path))  # one dequantized tensor at a time
         from models.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_gguf(path)

@@ -447,10 +447,15 @@ def test_real_qwen_truncated_copy(qwen_gguf, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def qwen_fp32(qwen_gguf):
-    from models import load_model
+def qwen_llm(qwen_gguf):
+    from models import LLM
 
-    return load_model(QWEN_CODER_NAME, dtype="float32")
+    return LLM(QWEN_CODER_NAME, dtype="float32", kv_cache_memory_bytes=256 << 20)
+
+
+@pytest.fixture(scope="module")
+def qwen_fp32(qwen_llm):
+    return qwen_llm.loaded
 
 
 @pytest.fixture(scope="module")
@@ -564,18 +569,18 @@ PASSAGE_TOKENS = 80
 
 
 @pytest.mark.slow
-def test_real_qwen_greedy_continuations_equal_transformers(qwen_fp32, hf_qwen):
-    """64 greedy tokens from `LLM(...)` in fp32 equal transformers' on six chat-templated
-    requests to summarize a speech passage.
+def test_real_qwen_greedy_continuations_equal_transformers(qwen_llm, hf_qwen):
+    """64 greedy tokens from `LLM("qwen2.5-coder-0.5b-instruct", dtype="float32")` equal
+    transformers' on six chat-templated requests to summarize a speech passage.
 
     Each passage is cut to its first 80 tokens so all prompts have the same length:
     transformers then runs them as one unpadded batch (no attention mask or position shift
     enters the reference), six times cheaper than one at a time. Both sides mask EOS for all
     64 steps (docpipe `min_tokens`, transformers `min_new_tokens`), so neither stops early.
     """
-    from models import LLM, SamplingParams
+    from models import SamplingParams
 
-    tokenizer = qwen_fp32.tokenizer
+    llm, tokenizer = qwen_llm, qwen_llm.tokenizer
     passages = [tokenizer.decode(tokenizer.encode(p)[:PASSAGE_TOKENS]) for p in sotu_passages()]
     prompts = [
         tokenizer.apply_chat_template(
@@ -584,7 +589,6 @@ def test_real_qwen_greedy_continuations_equal_transformers(qwen_fp32, hf_qwen):
         for p in passages
     ]
     assert len(prompts) == 6 and len({len(p) for p in prompts}) == 1, [len(p) for p in prompts]
-    llm = LLM(qwen_fp32, dtype="float32", kv_cache_memory_bytes=256 << 20)
     eos_ids = sorted(llm.engine.eos_token_ids)
     params = SamplingParams(max_tokens=NUM_PARITY_TOKENS, min_tokens=NUM_PARITY_TOKENS, temperature=0.0)
     ours = llm.generate(prompts, params)
