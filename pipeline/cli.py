@@ -59,6 +59,20 @@ class Progress:
             click.echo("", err=True)
 
 
+def pool_hit_rates(replica_stats: list[dict]) -> list[tuple[str, float, int, int, list[dict]]]:
+    """Per pool, in order: (name, prefix-cache hit rate, hits, queries, its replicas' stats);
+    hits and queries count prompt tokens over all the pool's replicas."""
+    by_pool: dict[str, list[dict]] = {}
+    for r in replica_stats:
+        by_pool.setdefault(r.get("pool", "default"), []).append(r)
+    out = []
+    for name, members in by_pool.items():
+        hits = sum(r.get("prefix_cache_hits", 0) for r in members)
+        queries = sum(r.get("prefix_cache_queries", 0) for r in members)
+        out.append((name, hits / queries if queries else 0.0, hits, queries, members))
+    return out
+
+
 def print_closing_table(stats, replica_stats: list[dict]) -> None:
     rate = stats.generated_tokens / stats.wall_s if stats.wall_s else 0.0
     rows = [
@@ -70,13 +84,16 @@ def print_closing_table(stats, replica_stats: list[dict]) -> None:
         ("generated tokens", f"{stats.generated_tokens:,} ({rate:,.1f} tok/s)"),
         ("wall time", f"{stats.wall_s:.1f} s"),
     ]
-    if replica_stats and replica_stats[0].get("dtype"):
-        r = replica_stats[0]
-        rows.append(("dtype", f"{r['dtype']} (KV cache {r['kv_cache_dtype']})"))
+    for name, rate, hits, queries, members in pool_hit_rates(replica_stats):
+        first = members[0]
+        rows.append((f"pool {name}", f"{first.get('model', '?')}, {len(members)} replica(s), "
+                     f"{first.get('dtype', '?')} (KV cache {first.get('kv_cache_dtype', '?')}), "
+                     f"prefix hit rate {rate:.1%} ({hits:,} of {queries:,} prompt tokens)"))
     for r in replica_stats:
         rows.append((
             f"replica {r.get('replica', 0)}",
-            f"prefill {r['prefill_tok_per_s']:,.0f} tok/s, decode {r['decode_tok_per_s']:,.1f} tok/s, "
+            (f"[{r['pool']}] " if "pool" in r else "")
+            + f"prefill {r['prefill_tok_per_s']:,.0f} tok/s, decode {r['decode_tok_per_s']:,.1f} tok/s, "
             f"prefix hit rate {r['prefix_cache_hit_rate']:.1%}, preemptions {r['num_preemptions']}, "
             f"busy {r.get('prefill_time_s', 0.0) + r.get('decode_time_s', 0.0):.1f} s",
         ))
@@ -258,16 +275,28 @@ def generate(model, prompt, max_tokens, raw, dtype):
 
 @main.command(context_settings=CONTEXT)
 def models():
-    """List the embedded models and whether they are installed."""
-    from models.errors import ModelLoadError
-    from models.registry import EMBEDDED_MODELS, embedded_model_path
+    """List the embedded models: architecture, size, quantization, context, license, and
+    where each is installed (or the pip command that installs it)."""
+    from models.registry import embedded_model_rows
 
-    for name, (_, _, pip_cmd) in EMBEDDED_MODELS.items():
-        try:
-            where = str(embedded_model_path(name))
-        except ModelLoadError:
-            where = f"not installed: {pip_cmd}"
-        click.echo(f"{name}\t{where}")
+    rows = embedded_model_rows()
+    header = ("name", "architecture", "parameters", "quantization", "context", "license", "installed")
+    table = [header] + [(
+        str(r["name"]), str(r["architecture"]), _count(r["parameters"]), str(r["quantization"]),
+        f"{r['context_length']:,}" if r.get("context_length") else "?", str(r["license"]),
+        "yes" if r["installed"] else "no") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    for r in rows:
+        click.echo(f"{r['name']}: {r['where']}" if r["installed"]
+                   else f"{r['name']}: not installed; run `{r['where']}`")
+
+
+def _count(n) -> str:
+    if not isinstance(n, (int, float)) or not n:
+        return "?"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
 
 if __name__ == "__main__":

