@@ -70,3 +70,24 @@ def test_fingerprint_follows_the_rules(tiny_moe_dir, tiny_swa_dir, tmp_path):
     run_documents(b, [_doc("short", 20)], out_b)
     (ra,), (rb,) = read_results(out_a), read_results(out_b)
     assert ra["config_fingerprint"] != rb["config_fingerprint"]
+
+
+def test_overlap_summary_reuses_each_chunks_prefix(tiny_model_dir, tmp_path):
+    """A chunk's map prompt and the next chunk's context prompt begin with the chunk text: the
+    second is served from the prefix cache (whole 512-token units under batch invariance),
+    and the rows equal a run without prefix caching."""
+    text = " ".join(f"Sentence {i} tells of the whale and the sea." for i in range(900))
+    doc = Document("d", "mem/d", text, content_hash(text))
+    common = dict(model=str(tiny_model_dir), dtype="float32", use_ray=False, chunk_tokens=400,
+                  overlap=0, max_summary_tokens=4, max_num_batched_tokens=1024)
+    stats, replicas = run_documents(RunConfig(strategy="overlap-summary", **common), [doc],
+                                    tmp_path / "o.parquet")
+    (row,) = read_results(tmp_path / "o.parquet")
+    num_chunks = row["num_chunks"]
+    assert num_chunks >= 4
+    # every chunk but the last is read twice (its map, the next chunk's context): the second
+    # read hits at least one 512-token unit
+    assert stats.cached_tokens >= 512 * (num_chunks - 1), (stats.cached_tokens, num_chunks)
+    plain, _ = run_documents(RunConfig(strategy="map-reduce", **common), [doc],
+                             tmp_path / "m.parquet")
+    assert plain.cached_tokens == 0  # map prompts share less than one unit
