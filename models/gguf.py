@@ -118,8 +118,9 @@ def _q5_1(blocks: np.ndarray) -> np.ndarray:  # fp16 d | fp16 m | u32 high bits 
 
 # k-quants: super-blocks of 256 values in 16 or 8 sub-blocks, each sub-block with its own
 # small integer scale (and min) that multiplies the super-block's fp16 d (and dmin). Every
-# product d * scale * q below is exact in fp32 (at most 11 + 6 + 6 significant bits), so the
-# only rounding is the one subtraction of the min, as in ggml.
+# product d * scale * q below is exact in fp32 (at most 23 of its 24 significant bits: Q6_K's
+# 11 for d, 7 for an int8 scale, 5 for q in -32..31), so the only rounding is the one
+# subtraction of the min, as in ggml: the result does not depend on the order of operations.
 def _k_scale_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit mins, each [N, 8].
 
