@@ -3,10 +3,10 @@
 Random block bytes are valid blocks of every type once their fp16 scales are finite, so each
 test draws random bytes, overwrites the scale fields with random finite fp16 values, and
 compares docpipe's dequantization with `gguf.quants.dequantize` bit for bit. Exact equality is
-expected, not only fp32-close: every product of an fp16 scale (11 significant bits), a 4- or
-6-bit sub-block scale and a quant of at most 6 bits fits fp32's 24-bit significand, so the
-only rounding step is the one subtraction of the min (Q4_1/Q5_1/Q2_K/Q4_K/Q5_K), which both
-implementations do once, in fp32.
+expected, not only fp32-close: every product of an fp16 scale (11 significant bits), a
+sub-block scale (at most 7: Q6_K's int8) and a quant (at most 6) fits fp32's 24-bit
+significand, so the only rounding step is the one subtraction of the min (Q4_1/Q5_1/Q2_K/Q4_K/
+Q5_K), which both implementations do once, in fp32; the order of the products cannot matter.
 """
 
 from __future__ import annotations
