@@ -9,7 +9,9 @@ decode tokens mixed). Each sequence's context is described by a `SeqSpan`:
 
 K/V of the new tokens are written to the cache through `slot_mapping` first, so every query reads
 all of its keys from the cache. Cache layout per layer: `[num_kv_heads, num_slots, head_dim]`;
-slot = block_id * block_size + offset. A sequence's slots come as runs of consecutive slots:
+slot = block_id * block_size + offset (in the pool of the layer's KV cache group: a model
+mixing full and sliding-window layers gives each kind its own block tables, slot mapping and
+spans, `AttentionMetadata.by_window`). A sequence's slots come as runs of consecutive slots:
 each run is read in place (a view, no copy). A decode query over several runs attends to each
 run and merges the partial results by their log-sum-exp (CPU); prefill over several runs
 concatenates them first.
@@ -99,6 +101,10 @@ class AttentionMetadata:
     spans: list[SeqSpan]
     slot_mapping: torch.Tensor | None = None  # [N] cache slot of each new token
     align: int | None = None  # batch-invariant query groups of this many prompt positions
+    # A model whose layers differ in window has one block table per KV cache group (the
+    # layers that share a window): each group's spans and slot mapping, by window; a layer
+    # reads its own (see `for_layer`). None: every layer reads these.
+    by_window: dict[int | None, AttentionMetadata] | None = None
     # (span index, window) -> query groups; shared by all layers.
     _plans: dict[tuple[int, int | None], list[QueryGroup]] = field(default_factory=dict)
     _native: dict[tuple[int | None, bool], NativePlan] = field(default_factory=dict)
@@ -106,6 +112,10 @@ class AttentionMetadata:
     @property
     def batch_invariant(self) -> bool:
         return self.align is not None
+
+    def for_layer(self, window: int | None) -> AttentionMetadata:
+        """The metadata of the KV cache group of a layer with this window."""
+        return self if self.by_window is None else self.by_window[window]
 
     @classmethod
     def for_dense(cls, seq_lens: list[int]) -> AttentionMetadata:
@@ -263,6 +273,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         N = x.shape[0]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        meta = meta.for_layer(self.window)
         fixed_k = meta.batch_invariant
         qkv = self.qkv_proj(x, fixed_k)
         if self.q_norm is not None:

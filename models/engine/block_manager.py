@@ -18,6 +18,10 @@ Rules of the data structure:
 - Allocation continues a sequence's last run of blocks when it can, and with
   `reserve_decode` a sequence takes the blocks for its whole generation at admission, so
   block tables are few consecutive runs and attention reads K/V in place.
+
+One `BlockManager` is one pool: it serves one KV cache group, the layers that share a window,
+through `seq.block_tables[group]`. A model mixing full and sliding-window layers has one pool
+per group, coordinated by `HybridBlockManager` (below).
 """
 
 from __future__ import annotations
@@ -51,6 +55,21 @@ def chain_hash(parent_hash: BlockHash, token_ids) -> BlockHash:
     return hashlib.sha256(parent_hash + packed.tobytes()).digest()
 
 
+def _first_piece(seq: Sequence, num_cached: int, cap: int,
+                 piece: Callable[[Sequence, int, int], int] | None) -> int:
+    if piece is None:
+        return min(seq.num_tokens - num_cached, cap)
+    return piece(seq, num_cached, cap)
+
+
+def first_needed_block(num_tokens: int, window: int | None, block_size: int) -> int:
+    """The first block a query at position `num_tokens` reads under `window` (None: 0): its
+    keys are positions [num_tokens - window + 1, num_tokens]."""
+    if window is None:
+        return 0
+    return max(0, num_tokens - window + 1) // block_size
+
+
 class Block:
     __slots__ = ("block_id", "ref_cnt", "block_hash", "parent_hash", "token_ids")
 
@@ -73,8 +92,10 @@ class BlockManager:
         reserve_decode: bool = False,
         max_reserve_tokens: int = 1024,
         hit_align: int | None = None,
+        group: int = 0,
     ) -> None:
         assert num_blocks > 0 and block_size > 0
+        self.group = group  # which of a sequence's block tables this pool serves
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -155,37 +176,51 @@ class BlockManager:
             hashes.append(parent)
         return hashes
 
+    def cached_block(self, seq: Sequence, hashes: list[BlockHash], i: int) -> int | None:
+        """The id of the cached block holding block i of `seq`, or None. Checks the stored
+        parent hash and tokens too: a hash collision is a miss, never wrong K/V."""
+        block_id = self.hash_to_block_id.get(hashes[i])
+        if block_id is None:
+            return None
+        block = self.blocks[block_id]
+        bs = self.block_size
+        parent = hashes[i - 1] if i else self.root_hash
+        if block.parent_hash != parent or block.token_ids != tuple(
+                seq.token_ids(i * bs, (i + 1) * bs)):
+            return None
+        return block_id
+
+    def cached_run(self, seq: Sequence, hashes: list[BlockHash], num_blocks: int) -> list[int]:
+        """Ids of the longest run of cached blocks 0, 1, ... (at most `num_blocks`)."""
+        hits: list[int] = []
+        for i in range(min(num_blocks, len(hashes))):
+            block_id = self.cached_block(seq, hashes, i)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Block ids holding the longest cached prefix of `seq` (at least one token left over,
         so the last prompt token is always computed and yields logits). Does not acquire."""
         if not self.enable_prefix_caching:
             return []
         hashes = self.block_hashes_for(seq)
-        max_blocks = (seq.num_tokens - 1) // self.block_size
-        bs = self.block_size
-        hits: list[int] = []
-        parent = self.root_hash
-        for i, h in enumerate(hashes[:max_blocks]):
-            block_id = self.hash_to_block_id.get(h)
-            if block_id is None:
-                break
-            block = self.blocks[block_id]
-            if block.parent_hash != parent or block.token_ids != tuple(
-                seq.token_ids(i * bs, (i + 1) * bs)
-            ):
-                break  # hash collision: treat as a miss
-            hits.append(block_id)
-            parent = h
+        hits = self.cached_run(seq, hashes, (seq.num_tokens - 1) // self.block_size)
         if self.hit_align_blocks:
             del hits[len(hits) // self.hit_align_blocks * self.hit_align_blocks :]
         return hits
 
     def num_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         total = seq.num_computed_tokens + num_new_tokens
-        return max(0, -(-total // self.block_size) - len(seq.block_table))
+        return max(0, -(-total // self.block_size) - len(seq.block_tables[self.group]))
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, num_reserved: int = 0) -> bool:
         return self.num_blocks_needed(seq, num_new_tokens) + num_reserved <= self.num_free_blocks
+
+    def fits(self, num_tokens: int) -> bool:
+        """Whether a prompt of `num_tokens` can ever be held (a windowed pool releases)."""
+        return self.release_window is not None or -(-num_tokens // self.block_size) <= self.num_blocks
 
     def admit(self, seq: Sequence, num_new_tokens_cap: int,
               piece: Callable[[Sequence, int, int], int] | None = None,
@@ -196,17 +231,29 @@ class BlockManager:
         is changed in the last two cases. `whole_lifetime` (with decode reservation): blocks
         are short unless the whole reservation fits, so an admitted sequence never has to
         preempt another to finish (the scheduler asks this while others are running)."""
-        assert not seq.block_table and seq.num_computed_tokens == 0, "admitting a started sequence"
         hits = self.match_prefix(seq)
-        # Cached blocks that are free count against the free pool once acquired.
-        num_free_hits = sum(1 for b in hits if self.blocks[b].ref_cnt == 0)
         num_cached = len(hits) * self.block_size
-        if piece is None:
-            num_new = min(seq.num_tokens - num_cached, num_new_tokens_cap)
-        else:
-            num_new = piece(seq, num_cached, num_new_tokens_cap)
+        num_new = _first_piece(seq, num_cached, num_new_tokens_cap, piece)
         if num_new <= 0:
             return 0
+        reserve_blocks = self.admission(seq, hits, num_cached, num_new, whole_lifetime)
+        if reserve_blocks is None:
+            return None
+        self.start(seq, hits, num_cached, num_new, reserve_blocks)
+        if seq.num_preemptions == 0:  # a re-admission after preemption is not a new query
+            self.num_queries += seq.num_prompt_tokens
+            self.num_hits += seq.num_cached_tokens
+        return num_new
+
+    def admission(self, seq: Sequence, hits: list[int], num_cached: int, num_new: int,
+                  whole_lifetime: bool) -> int | None:
+        """The check half of `admit` for cached blocks `hits` (-1: a position this pool need
+        not hold) and a first piece of `num_new` tokens: the number of decode blocks to
+        reserve, or None if this pool is short. Changes nothing."""
+        assert not seq.block_tables[self.group] and seq.num_computed_tokens == 0, \
+            "admitting a started sequence"
+        # Cached blocks that are free count against the free pool once acquired.
+        num_free_hits = sum(1 for b in hits if b >= 0 and self.blocks[b].ref_cnt == 0)
         total_blocks = -(-(num_cached + num_new) // self.block_size)
         if total_blocks - len(hits) + num_free_hits > self.num_free_blocks:
             return None
@@ -217,23 +264,27 @@ class BlockManager:
             lifetime = seq.num_tokens + min(seq.params.max_tokens or 0, self.max_reserve_tokens)
             lifetime_blocks = -(-lifetime // self.block_size)
             if lifetime_blocks - len(hits) + num_free_hits <= self.num_free_blocks:
-                reserve_blocks = lifetime_blocks - total_blocks
+                reserve_blocks = max(0, lifetime_blocks - total_blocks)
             elif whole_lifetime:
                 return None
+        return reserve_blocks
+
+    def start(self, seq: Sequence, hits: list[int], num_cached: int, num_new: int,
+              reserve_blocks: int) -> None:
+        """The action half of `admit`, after `admission` returned `reserve_blocks`."""
         for b in hits:
-            self._acquire_cached(b)
-        seq.block_table = list(hits)
+            if b >= 0:
+                self._acquire_cached(b)
+        table = seq.block_tables[self.group] = list(hits)
+        seq.num_released[self.group] = sum(1 for b in hits if b < 0)  # leading, never taken
         seq.num_computed_tokens = num_cached
-        if seq.num_preemptions == 0:  # a re-admission after preemption is not a new query
+        if seq.num_preemptions == 0:  # a re-admission keeps the first admission's count
             seq.num_cached_tokens = min(num_cached, seq.num_prompt_tokens)
-            self.num_queries += seq.num_prompt_tokens
-            self.num_hits += seq.num_cached_tokens
         self.release_out_of_window(seq)
         # One allocation for the chunk and the reservation, so they form one run.
-        needed = self.num_blocks_needed(seq, num_new) + max(0, reserve_blocks)
+        needed = self.num_blocks_needed(seq, num_new) + reserve_blocks
         assert needed <= self.num_free_blocks, "admission checked the free pool but it is short"
-        self._extend(seq.block_table, needed)
-        return num_new
+        self._extend(table, needed)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grow the block table to hold `num_new_tokens` more tokens. False if short of blocks."""
@@ -241,7 +292,7 @@ class BlockManager:
         needed = self.num_blocks_needed(seq, num_new_tokens)
         if needed > self.num_free_blocks:
             return False
-        self._extend(seq.block_table, needed)
+        self._extend(seq.block_tables[self.group], needed)
         return True
 
     def _extend(self, table: list[int], n: int) -> None:
@@ -263,11 +314,12 @@ class BlockManager:
             return
         first_needed = seq.num_computed_tokens - self.release_window + 1
         num_old = max(0, first_needed) // self.block_size
-        table = seq.block_table
-        for i in range(seq.num_released_blocks, min(num_old, len(table))):
+        g = self.group
+        table = seq.block_tables[g]
+        for i in range(seq.num_released[g], min(num_old, len(table))):
             self._release(table[i])
             table[i] = -1
-        seq.num_released_blocks = max(seq.num_released_blocks, min(num_old, len(table)))
+        seq.num_released[g] = max(seq.num_released[g], min(num_old, len(table)))
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the blocks that became full with computed K/V (after a forward step)."""
@@ -277,7 +329,7 @@ class BlockManager:
         num_full = seq.num_computed_tokens // bs
         hashes = self.block_hashes_for(seq)
         for i in range(num_full):
-            block_id = seq.block_table[i]
+            block_id = seq.block_tables[self.group][i]
             if block_id < 0:
                 continue
             block = self.blocks[block_id]
@@ -290,11 +342,12 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Release all of a sequence's blocks, tail first (tails are evicted before parents)."""
-        for block_id in reversed(seq.block_table):
+        g = self.group
+        for block_id in reversed(seq.block_tables[g]):
             if block_id >= 0:
                 self._release(block_id)
-        seq.block_table = []
-        seq.num_released_blocks = 0
+        seq.block_tables[g] = []
+        seq.num_released[g] = 0
         seq.num_computed_tokens = 0
 
     def check_invariants(self) -> None:
@@ -305,3 +358,155 @@ class BlockManager:
             assert (b.ref_cnt == 0) == (b.block_id in self.free_queue)
         for h, block_id in self.hash_to_block_id.items():
             assert self.blocks[block_id].block_hash == h, "hash index points at a reused block"
+
+
+class HybridBlockManager:
+    """One block pool per KV cache group, for a model whose layers differ in window (gemma3:
+    5 sliding-window layers of every 6, one full-attention layer); vLLM's hybrid allocator,
+    with a pool per group instead of one shared pool.
+
+    Rules:
+    - `groups[g]` serves `seq.block_tables[g]`; its blocks hold K/V of group g's layers only
+      (the runner sizes each group's tensors for its layers). All groups share block_size and
+      the block hash chain (the same tokens give the same hashes in every pool).
+    - A sliding group (window W) releases the blocks that every query to come has moved past
+      (`BlockManager.release_out_of_window`), so a sequence holds about W / block_size blocks
+      plus its current piece there, while a full group keeps all its blocks.
+    - Every decision covers all groups: a sequence is admitted or grown only if every group
+      has the blocks (checked in all before any is taken), and a shortfall in any group
+      preempts, freeing the victim's blocks in all groups.
+    - A prefix hit of N tokens must be a hit in every group: a full group holds all N tokens'
+      blocks, a sliding group the blocks that the query at position N reads, [N - W + 1, N)
+      (`first_needed_block`); its table has -1 before those. N is the longest such length,
+      at most the full groups' longest cached run, in whole `hit_align` multiples.
+    """
+
+    def __init__(self, num_blocks: list[int], block_size: int, windows: list[int | None],
+                 enable_prefix_caching: bool = True, extra_key: str = "",
+                 reserve_decode: bool = False, max_reserve_tokens: int = 1024,
+                 hit_align: int | None = None) -> None:
+        assert len(num_blocks) == len(windows) >= 1
+        self.windows = list(windows)
+        self.groups = [
+            BlockManager(n, block_size, enable_prefix_caching, extra_key, release_window=w,
+                         reserve_decode=reserve_decode, max_reserve_tokens=max_reserve_tokens,
+                         hit_align=hit_align, group=g)
+            for g, (n, w) in enumerate(zip(num_blocks, windows))
+        ]
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.hit_align_blocks = self.groups[0].hit_align_blocks
+        self.release_window = None  # some group keeps every block
+        self.reserve_decode = any(g.reserve_decode for g in self.groups)
+        self.num_queries = 0
+        self.num_hits = 0
+
+    # -- accounting (summed over the pools) -------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return sum(g.num_blocks for g in self.groups)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return sum(g.num_free_blocks for g in self.groups)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        """The fullest pool's usage: the one that runs out first."""
+        return max(g.usage for g in self.groups)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.num_hits / self.num_queries if self.num_queries else 0.0
+
+    def fits(self, num_tokens: int) -> bool:
+        return all(g.fits(num_tokens) for g in self.groups)
+
+    # -- prefix cache -----------------------------------------------------------------------
+    def match_prefix(self, seq: Sequence) -> tuple[int, list[list[int]]]:
+        """(N, per group the block ids of a prefix hit of N blocks, -1 where a sliding group
+        need not hold the block). Does not acquire."""
+        empty = [[] for _ in self.groups]
+        if not self.enable_prefix_caching:
+            return 0, empty
+        bs = self.block_size
+        hashes = self.groups[0].block_hashes_for(seq)
+        limit = (seq.num_tokens - 1) // bs
+        full_runs = {}
+        for g, w in zip(self.groups, self.windows):
+            if w is None:
+                full_runs[g.group] = g.cached_run(seq, hashes, limit)
+                limit = len(full_runs[g.group])
+        # Sliding groups: which blocks below the limit are cached (any of them may be).
+        cached = {g.group: [g.cached_block(seq, hashes, i) for i in range(limit)]
+                  for g, w in zip(self.groups, self.windows) if w is not None}
+        step = self.hit_align_blocks or 1
+        n = limit // step * step
+        while n > 0:
+            if all(None not in cached[g][first_needed_block(n * bs, self.windows[g], bs):n]
+                   for g in cached):
+                break
+            n -= step
+        if n <= 0:
+            return 0, empty
+        hits = []
+        for g, w in enumerate(self.windows):
+            if w is None:
+                hits.append(full_runs[g][:n])
+            else:
+                lo = first_needed_block(n * bs, w, bs)
+                hits.append([-1] * lo + cached[g][lo:n])
+        return n, hits
+
+    # -- sequence level ---------------------------------------------------------------------
+    def admit(self, seq: Sequence, num_new_tokens_cap: int,
+              piece: Callable[[Sequence, int, int], int] | None = None,
+              whole_lifetime: bool = False) -> int | None:
+        """`BlockManager.admit` over every group: all of them have the blocks, or nothing."""
+        assert len(seq.block_tables) == len(self.groups), \
+            f"sequence has {len(seq.block_tables)} block tables for {len(self.groups)} groups"
+        num_hit, hits = self.match_prefix(seq)
+        num_cached = num_hit * self.block_size
+        num_new = _first_piece(seq, num_cached, num_new_tokens_cap, piece)
+        if num_new <= 0:
+            return 0
+        reserves = []
+        for g, group_hits in zip(self.groups, hits):
+            reserve = g.admission(seq, group_hits, num_cached, num_new, whole_lifetime)
+            if reserve is None:
+                return None
+            reserves.append(reserve)
+        for g, group_hits, reserve in zip(self.groups, hits, reserves):
+            g.start(seq, group_hits, num_cached, num_new, reserve)
+        if seq.num_preemptions == 0:
+            self.num_queries += seq.num_prompt_tokens
+            self.num_hits += seq.num_cached_tokens
+        return num_new
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Grow every group's table for `num_new_tokens` more tokens; False (nothing taken)
+        if any group is short."""
+        for g in self.groups:
+            g.release_out_of_window(seq)
+        if any(g.num_blocks_needed(seq, num_new_tokens) > g.num_free_blocks for g in self.groups):
+            return False
+        for g in self.groups:
+            grown = g.allocate(seq, num_new_tokens)
+            assert grown, "a group checked its free pool but it is short"
+        return True
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        for g in self.groups:
+            g.cache_full_blocks(seq)
+
+    def free(self, seq: Sequence) -> None:
+        for g in self.groups:
+            g.free(seq)
+
+    def check_invariants(self) -> None:
+        for g in self.groups:
+            g.check_invariants()

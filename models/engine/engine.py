@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from models.dtypes import KV_CHOICES, dtype_name, resolve_kv_cache_dtype
-from models.engine.block_manager import BlockManager
-from models.engine.runner import ModelRunner, kv_bytes_per_token
+from models.engine.block_manager import BlockManager, HybridBlockManager
+from models.engine.runner import KVCacheGroup, ModelRunner, kv_bytes_per_token, kv_cache_groups
 from models.engine.sampling import Sampler, SamplingParams, find_stop_string
 from models.engine.scheduler import Scheduler
 from models.engine.sequence import RequestOutput, Sequence
@@ -84,6 +84,29 @@ def default_kv_cache_bytes(device: torch.device) -> int:
     return 2 << 30
 
 
+def split_kv_blocks(budget: int, groups: list[KVCacheGroup], group_bytes_per_token: list[int],
+                    block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> list[int]:
+    """Blocks per KV cache group from a budget in bytes. A sliding group (window W) never needs
+    more than about W / block_size + 3 blocks per running sequence plus the step's new tokens
+    (its blocks behind the window are released), so it gets that many, or as many as a full
+    group would have if the budget were split evenly if that is fewer; full-attention groups
+    share the rest. So a hybrid pool holds at least the tokens an all-full pool would."""
+    bs = block_size
+    even = max(1, budget // (sum(group_bytes_per_token) * bs))
+    if all(g.window is None for g in groups) or all(g.window is not None for g in groups):
+        return [even] * len(groups)
+    num_blocks = []
+    for g, per_token in zip(groups, group_bytes_per_token):
+        if g.window is None:
+            num_blocks.append(None)
+            continue
+        bound = max_num_seqs * (-(-(g.window - 1) // bs) + 3) + -(-max_num_batched_tokens // bs)
+        num_blocks.append(min(even, bound))
+    rest = budget - sum(n * bs * b for n, b in zip(num_blocks, group_bytes_per_token) if n is not None)
+    full_bytes = sum(b for n, b in zip(num_blocks, group_bytes_per_token) if n is None) * bs
+    return [max(1, rest // full_bytes) if n is None else n for n in num_blocks]
+
+
 @dataclass(slots=True)
 class EngineStats:
     num_steps: int = 0
@@ -105,17 +128,28 @@ class LLMEngine:
         budget = self.config.kv_cache_memory_bytes or default_kv_cache_bytes(model.device)
         bs = self.config.block_size
         self.kv_dtype = resolve_kv_cache_dtype(self.config.kv_cache_dtype, model.dtype, model.device)
-        num_blocks = max(1, budget // (kv_bytes_per_token(model, self.kv_dtype) * bs))
-        windows = mc.layer_windows
-        # Blocks can be dropped only when every layer is windowed (one block table for all).
-        release_window = max(windows) if all(w is not None for w in windows) else None
-        self.block_manager = BlockManager(
-            num_blocks, bs, self.config.enable_prefix_caching,
-            extra_key=f"{mc.name}|{mc.model_type}|{mc.vocab_size}|{model.dtype}|{self.kv_dtype}",
-            release_window=release_window,
-            reserve_decode=self.config.reserve_decode_blocks,
-            hit_align=self.config.align,
-        )
+        self.kv_groups = kv_cache_groups(mc)
+        extra_key = f"{mc.name}|{mc.model_type}|{mc.vocab_size}|{model.dtype}|{self.kv_dtype}"
+        if len(self.kv_groups) == 1:
+            num_blocks = max(1, budget // (kv_bytes_per_token(model, self.kv_dtype) * bs))
+            # One block table for all layers: blocks are released when every layer slides.
+            self.block_manager = BlockManager(
+                num_blocks, bs, self.config.enable_prefix_caching, extra_key=extra_key,
+                release_window=self.kv_groups[0].window,
+                reserve_decode=self.config.reserve_decode_blocks,
+                hit_align=self.config.align,
+            )
+        else:
+            # Full and sliding layers: a block pool and block table per group (hybrid).
+            windows = [g.window for g in self.kv_groups]
+            num_blocks = split_kv_blocks(
+                budget, self.kv_groups,
+                [kv_bytes_per_token(model, self.kv_dtype, len(g.layer_ids)) for g in self.kv_groups],
+                bs, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+            self.block_manager = HybridBlockManager(
+                num_blocks, bs, windows, self.config.enable_prefix_caching, extra_key=extra_key,
+                reserve_decode=self.config.reserve_decode_blocks, hit_align=self.config.align,
+            )
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
                                    self.config.max_num_batched_tokens, self.config.align)
         self.runner = ModelRunner(model, num_blocks, bs, self.config.align, self.kv_dtype)
@@ -142,15 +176,17 @@ class LLMEngine:
                 f"{self.max_model_len}; shorten the prompt (smaller chunks)"
             )
         bm = self.block_manager
-        if bm.release_window is None and -(-n // bm.block_size) > bm.num_blocks:
+        if not bm.fits(n):
+            full = bm if isinstance(bm, BlockManager) else next(
+                g for g in bm.groups if g.release_window is None)
             raise ValueError(
                 f"request {request_id!r}: prompt of {n} tokens exceeds the KV cache "
-                f"({bm.num_blocks * bm.block_size} tokens); raise kv_cache_memory_bytes"
+                f"({full.num_blocks * full.block_size} tokens); raise kv_cache_memory_bytes"
             )
         vocab = self.model.config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"request {request_id!r}: token ids must be in [0, {vocab})")
-        seq = Sequence(request_id, prompt_token_ids, params)
+        seq = Sequence(request_id, prompt_token_ids, params, num_kv_groups=len(self.kv_groups))
         if self.expert_totals is not None:
             seq.expert_counts = torch.zeros_like(self.expert_totals)
         self.requests[request_id] = seq
@@ -277,6 +313,7 @@ class LLMEngine:
             block_size=bm.block_size,
             num_free_blocks=bm.num_free_blocks,
             kv_cache_usage=bm.usage,
+            kv_cache_group_blocks=[g.num_blocks for g in getattr(bm, "groups", [bm])],
             prefix_cache_queries=bm.num_queries,
             prefix_cache_hits=bm.num_hits,
             prefix_cache_hit_rate=bm.hit_rate,

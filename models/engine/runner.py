@@ -1,18 +1,23 @@
 """Turns a scheduled batch into tensors, runs the model, and returns the logits to sample.
 
-Owns the KV cache tensors: per layer, K and V of shape [num_kv_heads, num_blocks * block_size,
-head_dim] (slot = block_id * block_size + offset). Head-major keeps each head's keys for a run
-of consecutive blocks contiguous, so a sequence with a consecutive block table is read in
-place.
+Owns the KV cache tensors, one per KV cache group (the layers that share a window; see
+`kv_cache_groups`): per layer of group g, K and V of shape [num_kv_heads, num_blocks[g] *
+block_size, head_dim] (slot = block_id * block_size + offset in that group's pool).
+Head-major keeps each head's keys for a run of consecutive blocks contiguous, so a sequence
+with a consecutive block table is read in place. Each group has its own slot mapping and
+spans per step (`AttentionMetadata.by_window`); a model with one group has one of each, as
+before groups existed.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from models.attention import AttentionMetadata, SeqSpan
+from models.config import ModelConfig
 from models.engine.scheduler import ScheduledBatch
 from models.moe import RouteStats
 from models.transformer import TransformerLM
@@ -20,32 +25,60 @@ from models.transformer import TransformerLM
 logger = logging.getLogger(__name__)
 
 
-def kv_bytes_per_token(model: TransformerLM, kv_dtype: torch.dtype | None = None) -> int:
-    """K and V bytes of one token over all layers, in `kv_dtype` (default: the model's)."""
+@dataclass(frozen=True, slots=True)
+class KVCacheGroup:
+    """Layers that share a window, hence block tables (vLLM's KV cache group)."""
+
+    window: int | None  # None: full attention
+    layer_ids: tuple[int, ...]
+
+
+def kv_cache_groups(config: ModelConfig) -> list[KVCacheGroup]:
+    """One group per distinct layer window, full attention first (group 0)."""
+    windows = config.layer_windows
+    keys = sorted(set(windows), key=lambda w: -1 if w is None else w)
+    return [KVCacheGroup(w, tuple(i for i, lw in enumerate(windows) if lw == w)) for w in keys]
+
+
+def kv_bytes_per_token(model: TransformerLM, kv_dtype: torch.dtype | None = None,
+                       num_layers: int | None = None) -> int:
+    """K and V bytes of one token over all layers (or `num_layers` of them), in `kv_dtype`
+    (default: the model's)."""
     c = model.config
     elem = torch.finfo(kv_dtype or model.dtype).bits // 8
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elem
+    layers = c.num_hidden_layers if num_layers is None else num_layers
+    return 2 * layers * c.num_key_value_heads * c.head_dim * elem
 
 
 class ModelRunner:
-    def __init__(self, model: TransformerLM, num_blocks: int, block_size: int,
+    def __init__(self, model: TransformerLM, num_blocks: int | list[int], block_size: int,
                  align: int | None = None, kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.align = align  # batch-invariant query groups (see models.attention)
-        self.num_blocks = num_blocks
         c = model.config
-        num_slots = num_blocks * block_size
-        shape = (c.num_hidden_layers, 2, c.num_key_value_heads, num_slots, c.head_dim)
-        # Not zeroed: a slot is always written before it is read, and untouched pages of a
-        # large CPU allocation cost no memory.
-        self.kv_cache = torch.empty(shape, dtype=kv_dtype or model.dtype, device=model.device)
-        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(shape[0])]
+        self.groups = kv_cache_groups(c)
+        if isinstance(num_blocks, int):
+            num_blocks = [num_blocks] * len(self.groups)
+        assert len(num_blocks) == len(self.groups), "one block count per KV cache group"
+        self.num_blocks = num_blocks if len(num_blocks) > 1 else num_blocks[0]
+        self.group_kv_caches: list[torch.Tensor] = []
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [None] * c.num_hidden_layers
+        for group, n in zip(self.groups, num_blocks):
+            shape = (len(group.layer_ids), 2, c.num_key_value_heads, n * block_size, c.head_dim)
+            # Not zeroed: a slot is always written before it is read, and untouched pages of
+            # a large CPU allocation cost no memory.
+            t = torch.empty(shape, dtype=kv_dtype or model.dtype, device=model.device)
+            self.group_kv_caches.append(t)
+            for j, layer_id in enumerate(group.layer_ids):
+                self.kv_caches[layer_id] = (t[j, 0], t[j, 1])
+            logger.info(
+                "KV cache%s: %d blocks x %d tokens = %d tokens, %d layers, %s, %.1f MiB",
+                "" if len(self.groups) == 1 else f" (window {group.window})", n, block_size,
+                n * block_size, len(group.layer_ids), t.dtype, t.numel() * t.element_size() / 2**20,
+            )
+        self.kv_cache = self.group_kv_caches[0]
         self.is_moe = c.is_moe
-        logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens, %s, %.1f MiB",
-            num_blocks, block_size, num_slots, self.kv_cache.dtype, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20,
-        )
 
     def _kv_runs(self, table: list[int], first_block: int, num_tokens: int) -> list[slice]:
         """Slots of `num_tokens` positions from block `first_block` of `table`, as runs of
@@ -74,8 +107,9 @@ class ModelRunner:
         device = self.model.device
         input_ids: list[int] = []
         positions: list[torch.Tensor] = []
-        slot_mapping: list[torch.Tensor] = []
-        spans: list[SeqSpan] = []
+        # per group: the slots of the new tokens and the spans
+        slot_mapping: list[list[torch.Tensor]] = [[] for _ in self.groups]
+        spans: list[list[SeqSpan]] = [[] for _ in self.groups]
         sample_rows: list[int] = []
         sample_idx: list[int] = []
         row = 0
@@ -85,17 +119,23 @@ class ModelRunner:
             input_ids.extend(seq.token_ids(start, end))
             pos = torch.arange(start, end)
             positions.append(pos)
-            table = torch.tensor(seq.block_table[start // bs : -(-end // bs)], dtype=torch.long)
-            slot_mapping.append(table[(pos // bs) - start // bs] * bs + pos % bs)
-            kv_start = seq.num_released_blocks * bs
-            spans.append(SeqSpan(row, row + n, end, kv_start,
-                                 self._kv_runs(seq.block_table, seq.num_released_blocks, end - kv_start),
-                                 seq.num_prompt_tokens))
+            for g in range(len(self.groups)):
+                block_table = seq.block_tables[g]
+                table = torch.tensor(block_table[start // bs : -(-end // bs)], dtype=torch.long)
+                slot_mapping[g].append(table[(pos // bs) - start // bs] * bs + pos % bs)
+                kv_start = seq.num_released[g] * bs
+                spans[g].append(SeqSpan(row, row + n, end, kv_start,
+                                        self._kv_runs(block_table, seq.num_released[g], end - kv_start),
+                                        seq.num_prompt_tokens))
             row += n
             if end == seq.num_tokens:
                 sample_rows.append(row - 1)
                 sample_idx.append(i)
-        meta = AttentionMetadata(spans, torch.cat(slot_mapping).to(device), self.align)
+        metas = [AttentionMetadata(sp, torch.cat(sm).to(device), self.align)
+                 for sp, sm in zip(spans, slot_mapping)]
+        meta = metas[0]
+        if len(metas) > 1:
+            meta.by_window = {group.window: m for group, m in zip(self.groups, metas)}
         ids = torch.tensor(input_ids, dtype=torch.long, device=device)
         pos = torch.cat(positions).to(device)
         route_stats = None

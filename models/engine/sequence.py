@@ -48,28 +48,32 @@ class RequestOutput:
 class Sequence:
     """One request's tokens, block table and progress.
 
-    Tokens [0, num_computed_tokens) have K/V in the cache. `block_table[i]` holds positions
-    [i*block_size, (i+1)*block_size); entries before `num_released_blocks` are -1: released
-    because every windowed layer has moved past them.
+    Tokens [0, num_computed_tokens) have K/V in the cache. There is one block table per KV
+    cache group (`block_tables[g]`; a model mixing full and sliding-window layers has two,
+    see models.engine.block_manager.HybridBlockManager). `block_tables[g][i]` holds positions
+    [i*block_size, (i+1)*block_size) for group g's layers; entries before
+    `num_released[g]` are -1: released (or never taken, after a prefix hit) because every
+    layer of the group has moved past them. `block_table` and `num_released_blocks` name
+    group 0's, the only group of a model whose layers all have the same window.
     """
 
     __slots__ = (
         "request_id", "prompt_token_ids", "output_token_ids", "params", "sampling",
-        "status", "block_table", "num_released_blocks", "num_computed_tokens",
+        "status", "block_tables", "num_released", "num_computed_tokens",
         "num_cached_tokens", "num_preemptions", "block_hashes", "metrics", "expert_counts",
         "finish_reason", "stop_reason", "output_text", "stop_check_offset",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival_time: float | None = None) -> None:
+                 arrival_time: float | None = None, num_kv_groups: int = 1) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.params = params
         self.sampling = SamplingState(params, self.prompt_token_ids)
         self.status = SequenceStatus.WAITING
-        self.block_table: list[int] = []
-        self.num_released_blocks = 0
+        self.block_tables: list[list[int]] = [[] for _ in range(num_kv_groups)]
+        self.num_released: list[int] = [0] * num_kv_groups
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
         self.num_preemptions = 0
@@ -80,6 +84,22 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.output_text = ""
         self.stop_check_offset = 0
+
+    @property
+    def block_table(self) -> list[int]:
+        return self.block_tables[0]
+
+    @block_table.setter
+    def block_table(self, table: list[int]) -> None:
+        self.block_tables[0] = table
+
+    @property
+    def num_released_blocks(self) -> int:
+        return self.num_released[0]
+
+    @num_released_blocks.setter
+    def num_released_blocks(self, n: int) -> None:
+        self.num_released[0] = n
 
     @property
     def num_tokens(self) -> int:
