@@ -20,7 +20,13 @@ from models.errors import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe",
+    "docpipe_moe",
 )
+# docpipe_moe: what `docpipe moefy --gate hard` writes (models/moefy.py): the llama skeleton
+# with MoE FFNs whose chosen experts weigh 1 and an always-on (ungated) shared expert; only
+# docpipe loads it.
+SCORING_FUNCS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "noaux_tc")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # Families with per-head RMSNorm on q and k (before RoPE).
 QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe", "gemma3_text")
@@ -81,6 +87,23 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     router_aux_loss_coef: float = 0.001
+    # DeepSeek-V3's router, in its HF names (defaults: the softmax top-k gate above).
+    # scoring_func "sigmoid": scores are sigmoid(logits); topk_method "noaux_tc": experts are
+    # chosen on score + e_score_correction_bias among the topk_group best of n_group groups;
+    # routed_scaling_factor multiplies the (renormalised) weights. n_routed_experts is
+    # DeepSeek's num_local_experts; n_shared_experts an ungated shared expert of
+    # n_shared_experts * moe_intermediate_size neurons.
+    scoring_func: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    n_routed_experts: int | None = None
+    n_shared_experts: int = 0
+    # docpipe's own: hard_gate weighs every chosen expert 1; shared_expert_gated False drops
+    # qwen2_moe's sigmoid gate on the shared expert (always on, as DeepSeek's).
+    hard_gate: bool = False
+    shared_expert_gated: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     name: str = ""  # free-form model id, used in fingerprints and prefix-cache keys
@@ -97,6 +120,26 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
+        if self.n_routed_experts is not None and not self.num_local_experts:
+            self.num_local_experts = self.n_routed_experts
+        if self.n_shared_experts:
+            self.shared_expert_intermediate_size = self.n_shared_experts * self.moe_intermediate_size
+            self.shared_expert_gated = False
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ValueError(f"scoring_func={self.scoring_func!r} is not supported; "
+                             f"use one of {', '.join(SCORING_FUNCS)}")
+        if self.topk_method not in TOPK_METHODS:
+            raise ValueError(f"topk_method={self.topk_method!r} is not supported; "
+                             f"use one of {', '.join(TOPK_METHODS)}")
+        if self.num_local_experts and self.n_group > 1:
+            if self.num_local_experts % self.n_group or self.num_local_experts // self.n_group < 2:
+                raise ValueError(f"n_group={self.n_group} must divide num_local_experts="
+                                 f"{self.num_local_experts} into groups of at least 2")
+            if not 1 <= self.topk_group <= self.n_group:
+                raise ValueError(f"topk_group={self.topk_group} must be in 1..n_group={self.n_group}")
+            if self.num_experts_per_tok > self.topk_group * (self.num_local_experts // self.n_group):
+                raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} exceeds the "
+                                 f"experts of topk_group={self.topk_group} groups")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
@@ -257,6 +300,8 @@ class ModelConfig:
             kwargs["attention_bias"] = raw.get("qkv_bias", True)
         if model_type == "qwen2":
             kwargs["attention_bias"] = True
+        if model_type == "docpipe_moe":
+            kwargs["attention_bias"] = raw.get("attention_bias", False)
         if model_type == "mixtral":
             kwargs["norm_topk_prob"] = True  # mixtral always renormalises the top-k weights
         if model_type == "qwen3_moe" and "num_local_experts" not in raw:

@@ -2,10 +2,18 @@
 
 Dispatch groups tokens by expert instead of looping over tokens:
 
-    router logits [N, E] -> softmax -> top-k (weights [N, K], expert ids [N, K])
+    router logits [N, E] -> scores (softmax, or sigmoid for DeepSeek-V3)
+    -> top-k on score + selection bias (weights [N, K] from the unbiased score, expert ids [N, K])
     flatten the N*K (token, expert) pairs, stable-sort them by expert id
     for each expert with work: one SwiGLU matmul chain over its contiguous slice
     scale by the routing weight, scatter-add back to the token rows
+
+The gate (`route`) covers three weightings: the softmax top-k of mixtral / qwen2_moe (weights
+optionally renormalised over the K chosen), DeepSeek-V3's (sigmoid scores, group-limited
+selection on score + e_score_correction_bias, renormalised, times routed_scaling_factor), and
+docpipe_moe's hard gate (every chosen expert weighted 1, which at K = E is the dense FFN
+that `docpipe moefy` split). The selection bias (`e_score_correction_bias`, zeros unless a
+checkpoint or `docpipe calibrate --balance` sets it) only changes which experts are chosen.
 
 Every forward adds its per-expert token counts (each token counted once per chosen expert, so
 they sum to N*K) to `expert_counts`, and, when given a `RouteStats`, to the row of the sequence
@@ -34,6 +42,49 @@ def moe_gate(
     return weights, expert_ids
 
 
+def route(
+    router_logits: torch.Tensor,  # [N, E]
+    top_k: int,
+    *,
+    scoring_func: str = "softmax",
+    selection_bias: torch.Tensor | None = None,  # [E] fp32, added for the choice only
+    n_group: int = 1,
+    topk_group: int = 1,
+    normalize: bool = True,
+    routed_scaling_factor: float = 1.0,
+    hard: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate: (weights [N, K] fp32, expert ids [N, K]).
+
+    scores = softmax or sigmoid of the logits (fp32); experts are chosen on scores + bias,
+    among the topk_group groups (of E / n_group consecutive experts) whose two best biased
+    scores sum highest (DeepSeek-V3; n_group = 1: no group limit); weights are the chosen
+    unbiased scores, renormalised when `normalize`, times routed_scaling_factor; `hard`:
+    every chosen expert weighs 1. With no bias, n_group = 1 and softmax this is `moe_gate`.
+    """
+    logits = router_logits.float()
+    scores = torch.sigmoid(logits) if scoring_func == "sigmoid" else torch.softmax(logits, -1)
+    choice = scores if selection_bias is None else scores + selection_bias
+    if n_group > 1:
+        N, E = choice.shape
+        grouped = choice.view(N, n_group, E // n_group)
+        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [N, n_group]
+        group_ids = torch.topk(group_scores, topk_group, dim=-1, sorted=False)[1]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    expert_ids = torch.topk(choice, top_k, dim=-1)[1]
+    if hard:
+        return torch.ones(expert_ids.shape, dtype=torch.float32), expert_ids
+    weights = scores.gather(1, expert_ids)
+    if normalize:
+        # DeepSeek-V3 guards the sum (sigmoid scores can all be ~0); softmax's never is
+        eps = 1e-20 if scoring_func == "sigmoid" else 0.0
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
+    if routed_scaling_factor != 1.0:
+        weights = weights * routed_scaling_factor
+    return weights, expert_ids
+
+
 @dataclass(slots=True)
 class RouteStats:
     """Per-sequence expert accounting for one forward pass."""
@@ -48,6 +99,9 @@ class SparseMoeBlock(nn.Module):
         E, H, I = config.num_local_experts, config.hidden_size, config.moe_intermediate_size
         self.num_experts, self.top_k = E, config.num_experts_per_tok
         self.normalize = config.norm_topk_prob
+        self.scoring_func, self.hard = config.scoring_func, config.hard_gate
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.routed_scaling_factor = config.routed_scaling_factor
         self.gate = Linear(H, E)
         self.w13 = empty_param(E, 2 * I, H)  # per expert: [gate; up], HF [out, in] layout
         self.w2 = empty_param(E, H, I)  # per expert: down
@@ -55,9 +109,20 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert_gate: Linear | None = None
         if config.shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(H, config.shared_expert_intermediate_size)
-            self.shared_expert_gate = Linear(H, 1)
+            if config.shared_expert_gated:  # qwen2_moe: sigmoid(x . g) * shared(x)
+                self.shared_expert_gate = Linear(H, 1)
         self.register_buffer("expert_counts", torch.zeros(E, dtype=torch.long), persistent=False)
+        # Added to the scores for the choice of experts only (DeepSeek-V3's
+        # e_score_correction_bias; `docpipe calibrate --balance` fits one for any gate).
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(E, dtype=torch.float32), persistent=False
+        )
+        self.has_selection_bias = False  # set by whoever writes the bias (skips an add if not)
         self.last_router_logits: torch.Tensor | None = None
+
+    def set_selection_bias(self, bias: torch.Tensor) -> None:
+        self.e_score_correction_bias.copy_(bias.float())
+        self.has_selection_bias = bool(bias.abs().sum() > 0)
 
     def forward(
         self, x: torch.Tensor, route_stats: RouteStats | None = None, keep_logits: bool = False,
@@ -67,7 +132,12 @@ class SparseMoeBlock(nn.Module):
         N, H = x.shape
         router_logits = self.gate(x, fixed_k)  # [N, E]
         self.last_router_logits = router_logits if keep_logits else None
-        weights, expert_ids = moe_gate(router_logits, self.top_k, self.normalize)
+        weights, expert_ids = route(
+            router_logits, self.top_k, scoring_func=self.scoring_func,
+            selection_bias=self.e_score_correction_bias if self.has_selection_bias else None,
+            n_group=self.n_group, topk_group=self.topk_group, normalize=self.normalize,
+            routed_scaling_factor=self.routed_scaling_factor, hard=self.hard,
+        )
 
         flat_ids = expert_ids.reshape(-1)  # [N*K]
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
@@ -90,11 +160,14 @@ class SparseMoeBlock(nn.Module):
             h = silu_mul(linear(xs, self.w13[e], fixed_k=fixed_k))
             out_sorted[start : start + n] = linear(h, self.w2[e], fixed_k=fixed_k)
             start += n
-        out_sorted = out_sorted * weights.reshape(-1)[order].unsqueeze(1).to(x.dtype)
+        if not self.hard:  # hard gate: every weight is 1
+            out_sorted = out_sorted * weights.reshape(-1)[order].unsqueeze(1).to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token_rows, out_sorted)
         if self.shared_expert is not None:
             shared = self.shared_expert(x, fixed_k)
-            out = out + torch.sigmoid(self.shared_expert_gate(x, fixed_k)) * shared
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x, fixed_k)) * shared
+            out = out + shared
         return out
 
 
