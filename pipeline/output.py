@@ -9,7 +9,7 @@ One row per input document (OUTPUT_SCHEMA):
 | status | string | `ok` or `error` |
 | error | string, null when ok | what went wrong, naming the input and the cause |
 | summary | string, null on error | the document's final output |
-| chunks | list<struct<index int32, token_start int64, token_end int64, char_start int64, char_end int64, output string, pool string, model string>> | per-chunk outputs; offsets index the document's tiktoken tokens and text; `pool` and `model` made the output |
+| chunks | list<struct<index int32, token_start int64, token_end int64, char_start int64, char_end int64, output string, pool string, model string, expert_tokens list<int64>>> | per-chunk outputs; offsets index the document's tiktoken tokens and text; `pool` and `model` made the output; `expert_tokens`: an MoE's tokens per expert for that output's request, summed over layers |
 | num_tokens | int64 | tiktoken tokens in the document |
 | num_chunks | int32 | number of chunks |
 | model | string | model id |
@@ -25,6 +25,7 @@ One row per input document (OUTPUT_SCHEMA):
 | expert_tokens | list<int64>, null for dense models | tokens routed to each expert (MoE) |
 | num_truncated_prompts, num_truncated_tokens | int32, int64 | prompts cut to fit the context, and the tokens cut |
 | merges | list<struct<level int32, index int32, sources list<int32>, pool string, model string>> | each merge: its level (1 first), group, the chunks it covers, and the pool and model that made it |
+| active_flops, dense_flops | int64 | model FLOPs of the row's requests with the active parameters, and as if every expert were active (equal for dense models; `pipeline.accounting`) |
 
 `model`, `dtype` and `kv_cache_dtype` are those of the pool that produced the summary.
 
@@ -61,6 +62,7 @@ CHUNK_STRUCT = pa.struct(
         pa.field("output", pa.string()),
         pa.field("pool", pa.string()),  # the pool and model that produced `output`
         pa.field("model", pa.string()),
+        pa.field("expert_tokens", pa.list_(pa.int64())),  # MoE: the chunk's tokens per expert
     ]
 )
 MERGE_STRUCT = pa.struct(
@@ -100,6 +102,10 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("num_truncated_prompts", pa.int32()),
         pa.field("num_truncated_tokens", pa.int64()),
         pa.field("merges", pa.list_(pa.field("item", MERGE_STRUCT, nullable=False))),
+        # model FLOPs of the row's requests: with the active parameters, and as if every
+        # expert were active (equal for dense models); pipeline.accounting
+        pa.field("active_flops", pa.int64()),
+        pa.field("dense_flops", pa.int64()),
     ]
 )
 
@@ -120,6 +126,7 @@ class ChunkRow:
     output: str | None
     pool: str | None = None
     model: str | None = None
+    expert_tokens: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -148,6 +155,8 @@ class DocResult:
     num_truncated_prompts: int = 0  # prompts cut to fit the context (chunk or merge prompts)
     num_truncated_tokens: int = 0  # message tokens those cuts removed
     merges: list[dict] = field(default_factory=list)  # MERGE_STRUCT keys
+    active_flops: int | None = None
+    dense_flops: int | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -170,7 +179,7 @@ class DocResult:
 
 
 _CHUNK_KEYS = tuple(f.name for f in CHUNK_STRUCT)
-_OPTIONAL_CHUNK_KEYS = ("pool", "model")
+_OPTIONAL_CHUNK_KEYS = ("pool", "model", "expert_tokens")
 assert tuple(f.name for f in fields(DocResult)) == tuple(OUTPUT_SCHEMA.names), (
     "DocResult fields and OUTPUT_SCHEMA columns differ: update both"
 )

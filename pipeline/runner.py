@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from pipeline.accounting import TokenParams, params_per_token, request_flops
 from pipeline.chunking import chunk_text
 from pipeline.config import RunConfig
 from pipeline.output import DocResult
@@ -140,6 +141,7 @@ class _PoolSide:
     dtype: str
     kv_cache_dtype: str
     merge_budget: MergeBudget
+    params: TokenParams  # per token: active and dense-equivalent weights
 
 
 @dataclass(slots=True)
@@ -150,6 +152,9 @@ class _DocState:
     t0: float
     plan: dict[str, str]  # rule stage -> pool, fixed when the document is chunked
     chunk_pools: dict[int, str] = field(default_factory=dict)  # chunk -> pool of its output
+    chunk_experts: dict[int, list[int]] = field(default_factory=dict)  # chunk -> tokens per expert
+    active_flops: int = 0
+    dense_flops: int = 0
     merge_pools: dict[tuple[int, int], str] = field(default_factory=dict)  # (level, group)
     last_pool: str = ""  # the pool of the last output: the summary's
     pending: int = 0
@@ -196,7 +201,8 @@ class PipelineRunner:
             budget = MergeBudget(budget_tokens=info.max_model_len - config.max_summary_tokens - 1,
                                  overhead_tokens=overhead, count_tokens=fitter.count)
             dtype, kv_dtype = pool_configs[name].resolved_dtypes()
-            self.sides[name] = _PoolSide(name, fitter, info.model_id, dtype, kv_dtype, budget)
+            self.sides[name] = _PoolSide(name, fitter, info.model_id, dtype, kv_dtype, budget,
+                                         params_per_token(info.config))
         self.fingerprint = config.fingerprint(
             {name: info.weights_hash for name, info in models.items()}, PROMPT_VERSION)
         self.cached = cached
@@ -322,6 +328,8 @@ class PipelineRunner:
             state.merge_pools[(int(req.stage[len("reduce"):]), req.index)] = pool
         elif req.stage != "ctx":
             state.chunk_pools[req.index] = pool
+            if res.expert_token_counts is not None:
+                state.chunk_experts[req.index] = list(res.expert_token_counts)
         if res.error:
             self._fail(state, f"{req.stage} request for chunk {req.index}: {res.error}", write)
             return
@@ -330,6 +338,10 @@ class PipelineRunner:
         state.prompt_tokens += res.num_prompt_tokens
         state.generated_tokens += res.num_generated_tokens
         state.cached_tokens += res.num_cached_tokens
+        active, dense = request_flops(self.sides[pool].params, res.num_prompt_tokens,
+                                      res.num_cached_tokens, res.num_generated_tokens)
+        state.active_flops += active
+        state.dense_flops += dense
         self.stats.prompt_tokens += res.num_prompt_tokens  # run totals move as results arrive
         self.stats.generated_tokens += res.num_generated_tokens
         self.stats.cached_tokens += res.num_cached_tokens
@@ -388,6 +400,7 @@ class PipelineRunner:
         chunks = [
             dict(index=c.index, token_start=c.token_start, token_end=c.token_end,
                  char_start=c.char_start, char_end=c.char_end, output=st.chunk_outputs[c.index],
+                 expert_tokens=state.chunk_experts.get(c.index),
                  **named(state.chunk_pools.get(c.index)))
             for c in st.chunks
         ]
@@ -399,7 +412,7 @@ class PipelineRunner:
         self.stats.num_ok += 1
         write(self._row(
             state.doc, state.last_pool, status="ok", summary=st.summary, chunks=chunks,
-            merges=merges,
+            merges=merges, active_flops=state.active_flops, dense_flops=state.dense_flops,
             num_tokens=state.num_tokens, num_chunks=len(st.chunks),
             prompt_tokens=state.prompt_tokens, generated_tokens=state.generated_tokens,
             cached_tokens=state.cached_tokens, wall_s=time.perf_counter() - state.t0,

@@ -91,3 +91,39 @@ def test_overlap_summary_reuses_each_chunks_prefix(tiny_model_dir, tmp_path):
     plain, _ = run_documents(RunConfig(strategy="map-reduce", **common), [doc],
                              tmp_path / "m.parquet")
     assert plain.cached_tokens == 0  # map prompts share less than one unit
+
+
+def test_params_per_token_counts_the_model(tiny_model_dir, tiny_moe_dir):
+    from models import load_model
+    from pipeline.accounting import params_per_token
+
+    dense = load_model(str(tiny_model_dir), dtype="float32")
+    p = params_per_token(dense.config)
+    assert p.active == p.dense
+    moe = load_model(str(tiny_moe_dir), dtype="float32")
+    q = params_per_token(moe.config)
+    c = moe.config
+    expert = 3 * c.hidden_size * c.moe_intermediate_size
+    assert q.dense - q.active == c.num_hidden_layers * (c.num_local_experts - c.num_experts_per_tok) * expert
+    # the dense equivalent is every weight of the model (experts, router, head; tied or not)
+    for loaded, params in ((dense, p), (moe, q)):
+        total = sum(w.numel() for n, w in loaded.model.named_parameters()
+                    if w.dim() >= 2 and "embed" not in n)
+        if loaded.model.lm_head is None:  # tied: the embedding is the head
+            total += loaded.model.embed_tokens.numel()
+        assert params.dense == total
+
+
+def test_moe_chunks_carry_tokens_per_expert_and_rows_their_flops(tiny_moe_dir, tiny_swa_dir, tmp_path):
+    config = _config(tiny_moe_dir, tiny_swa_dir, ["tokens >= 300 -> swa"])
+    out = tmp_path / "o.parquet"
+    run_documents(config, [_doc("long", 200), _doc("short", 20)], out)
+    rows = {r["doc_id"]: r for r in read_results(out)}
+    short, long = rows["short"], rows["long"]
+    for c in short["chunks"]:
+        assert len(c["expert_tokens"]) == 4 and sum(c["expert_tokens"]) > 0
+    per_expert = [sum(x) for x in zip(*(c["expert_tokens"] for c in short["chunks"]))]
+    assert all(a <= b for a, b in zip(per_expert, short["expert_tokens"], strict=True))
+    assert all(c["expert_tokens"] is None for c in long["chunks"])
+    assert 0 < short["active_flops"] < short["dense_flops"]  # top-2 of 4 experts
+    assert 0 < long["active_flops"] == long["dense_flops"]

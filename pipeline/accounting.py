@@ -1,0 +1,52 @@
+"""What a request costs in model FLOPs: the active parameters per token against the dense
+equivalent (an MoE with every expert active), the pay-per-expert view of an MoE run.
+
+    FLOPs of a request = 2 x params per token x tokens computed
+    tokens computed    = prompt tokens not served from the prefix cache + generated tokens
+
+Parameters per token count the matmul weights a token passes through (attention projections,
+FFN or the selected experts, the router, the LM head); embeddings are a lookup and norms
+are negligible. Attention over the context (QK^T, PV) is left out: it is the same for the
+dense equivalent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class TokenParams:
+    active: int  # weights a token multiplies through
+    dense: int  # the same with every expert active (= active for dense models)
+
+
+def params_per_token(config) -> TokenParams:
+    """From a models.config.ModelConfig (HF field names)."""
+    h = config.hidden_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    attention = h * q + 2 * h * kv + q * h
+    ffn_mult = 3  # gate, up, down (SwiGLU / GeGLU)
+    active = dense = h * config.vocab_size  # LM head
+    for layer in range(config.num_hidden_layers):
+        active += attention
+        dense += attention
+        if config.is_moe_layer(layer):
+            expert = ffn_mult * h * config.moe_intermediate_size
+            shared = ffn_mult * h * config.shared_expert_intermediate_size
+            router = h * config.num_local_experts
+            active += router + config.num_experts_per_tok * expert + shared
+            dense += router + config.num_local_experts * expert + shared
+        else:
+            ffn = ffn_mult * h * config.intermediate_size
+            active += ffn
+            dense += ffn
+    return TokenParams(active, dense)
+
+
+def request_flops(params: TokenParams, num_prompt_tokens: int, num_cached_tokens: int,
+                  num_generated_tokens: int) -> tuple[int, int]:
+    """(active, dense-equivalent) FLOPs of one request."""
+    tokens = max(0, num_prompt_tokens - num_cached_tokens) + num_generated_tokens
+    return 2 * params.active * tokens, 2 * params.dense * tokens
