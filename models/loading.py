@@ -47,6 +47,10 @@ WEIGHT_RENAMES: list[tuple[re.Pattern[str], str]] = [
         (_L + r"(?P<n>input_layernorm|post_attention_layernorm)\.weight", "layers.{l}.{n}.weight"),
         (_L + r"self_attn\.(?P<part>q|k|v)_proj\.(?P<w>weight|bias)", "layers.{l}.self_attn.qkv_proj.{w}"),
         (_L + r"self_attn\.o_proj\.weight", "layers.{l}.self_attn.o_proj.weight"),
+        # qwen3 / gemma3: per-head q and k RMSNorms; gemma3: norms around the MLP.
+        (_L + r"self_attn\.(?P<n>q_norm|k_norm)\.weight", "layers.{l}.self_attn.{n}.weight"),
+        (_L + r"(?P<n>pre_feedforward_layernorm|post_feedforward_layernorm)\.weight",
+         "layers.{l}.{n}.weight"),
         (_L + r"mlp\.(?P<part>gate|up)_proj\.weight", "layers.{l}.mlp.gate_up_proj.weight"),
         (_L + r"mlp\.down_proj\.weight", "layers.{l}.mlp.down_proj.weight"),
         (_L + r"(?:mlp|block_sparse_moe)\.gate\.weight", "layers.{l}.mlp.gate.weight"),
