@@ -96,7 +96,7 @@ def split_kv_blocks(budget: int, groups: list[KVCacheGroup], group_bytes_per_tok
     if all(g.window is None for g in groups) or all(g.window is not None for g in groups):
         return [even] * len(groups)
     num_blocks = []
-    for g, per_token in zip(groups, group_bytes_per_token):
+    for g in groups:
         if g.window is None:
             num_blocks.append(None)
             continue

@@ -284,11 +284,10 @@ def test_matches_transformers_with_preemption_and_prefix_cache(tmp_path):
     """The gemma3 parity checkpoint (6 layers, a window of 16 on 4 of them), prompts of 40-90
     tokens sharing prefixes, a pool that forces preemption (26 blocks a group, the sliding
     group's bound for 3 sequences being 27): transformers' greedy tokens."""
+    from models import loading
     from models.loading import load_model
     from tests.models.hf_reference import make_new_arch_checkpoint
     from tests.models.test_new_archs import NEW_WEIGHT_RENAMES
-
-    from models import loading
 
     ref = make_new_arch_checkpoint("gemma3", tmp_path)
     missing = [row for row in NEW_WEIGHT_RENAMES if row not in loading.WEIGHT_RENAMES]
