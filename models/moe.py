@@ -204,3 +204,45 @@ def squared_deviation_loss(
         p = probs.mean(dim=0)
         losses.append(torch.sum((p - 1.0 / p.numel()) ** 2))
     return alpha * torch.stack(losses).mean()
+
+
+# -- selection biases beside a checkpoint (`docpipe calibrate --balance`) -----------------
+EXPERT_BIAS_FILE = "expert_bias.safetensors"
+
+
+def expert_bias_name(layer_id: int) -> str:
+    """DeepSeek-V3's HF name of a layer's selection bias."""
+    return f"model.layers.{layer_id}.mlp.gate.e_score_correction_bias"
+
+
+def save_expert_bias(directory, biases: dict[int, torch.Tensor]) -> None:
+    """Write {layer: bias [E]} to directory/EXPERT_BIAS_FILE (temp file, then rename)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(directory) / EXPERT_BIAS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({expert_bias_name(i): b.float().contiguous() for i, b in biases.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def apply_expert_bias(model: nn.Module, directory) -> None:
+    """Set the selection biases of directory/EXPERT_BIAS_FILE, if there is one."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from models.errors import ModelLoadError
+
+    path = Path(directory) / EXPERT_BIAS_FILE
+    if not path.is_file():
+        return
+    for name, bias in load_file(str(path)).items():
+        layer_id = int(name.split(".")[2])
+        layer = model.layers[layer_id] if layer_id < len(model.layers) else None
+        if layer is None or not layer.is_moe or bias.shape != (layer.mlp.num_experts,):
+            raise ModelLoadError(f"{path}: {name} {tuple(bias.shape)} does not fit this model "
+                                 "(no such MoE layer or another expert count); delete the file "
+                                 "or rerun docpipe calibrate --balance")
+        layer.mlp.set_selection_bias(bias)

@@ -141,3 +141,92 @@ def moefy_command(model, output, experts, top_k, shared_neurons, gate, calibrati
                f"{report['tokens']} tokens; router fit residual mean "
                f"{sum(residuals) / len(residuals):.3f}, max {max(residuals):.3f}")
     click.echo(f"wrote {output} in {time.perf_counter() - start:.1f} s")
+
+
+def _load_table(loads) -> list[str]:
+    E = len(loads[0].counts)
+    head = (f"{'layer':>5} {'max/mean':>8} {'cv':>6} {'entropy':>7} {'switch':>7} "
+            f"{'var':>9}  load % per expert 0..{E - 1}")
+    lines = [head]
+    for l in loads:
+        fractions = " ".join(f"{100 * f:4.1f}" for f in l.load_fraction)
+        lines.append(f"{l.layer:>5} {l.max_over_mean:>8.3f} {l.cv:>6.3f} {l.entropy:>7.3f} "
+                     f"{l.switch_loss:>7.3f} {l.variance_loss:>9.2e}  {fractions}")
+    return lines
+
+
+@main.command("calibrate", context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--data", "data", required=True, help="Store whose text the routers see.")
+@click.option("--samples", type=int, default=1000, show_default=True,
+              help="Calibration windows (of --sample-tokens tokens).")
+@click.option("--sample-tokens", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--balance", is_flag=True,
+              help="Fit per-expert selection biases (DeepSeek-V3's aux-loss-free rule) and "
+                   "write them beside the checkpoint (expert_bias.safetensors, applied at load).")
+@click.option("--gamma", type=float, default=1e-2, show_default=True,
+              help="Bias step of --balance (decays to gamma / 100 over the passes).")
+@click.option("--alpha", type=float, default=1.0, show_default=True,
+              help="Coefficient of the two aux losses in the report.")
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None,
+              help="Report directory: calibrate.json and heatmaps (layers x experts) as PNG.")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="float32", show_default=True)
+def calibrate_command(model, data, samples, sample_tokens, seed, balance, gamma, alpha, output,
+                      dtype):
+    """Router load of a MoE MODEL on a store, per layer and expert; --balance evens it out."""
+    from models.calibrate import heatmap, router_loads, summary
+    from models.moe import EXPERT_BIAS_FILE, save_expert_bias
+    from models.moefy import calibration_windows
+
+    _positive(samples, "--samples")
+    _positive(sample_tokens, "--sample-tokens", 2)
+    if gamma <= 0:
+        raise click.ClickException(f"--gamma {gamma}: must be positive")
+    loaded = _load(model, dtype)
+    if not loaded.config.is_moe:
+        raise click.ClickException(f"{model}: not a mixture-of-experts model (no router to "
+                                   "calibrate); moefy it first (docpipe moefy)")
+    target = Path(model)
+    if balance and not (target.is_dir() and (target / "config.json").is_file()):
+        raise click.ClickException(f"--balance: {model} is not a checkpoint directory; the "
+                                   f"biases are written beside it ({EXPERT_BIAS_FILE})")
+    token_ids = [loaded.tokenizer.encode(t) for t in store_texts(data)] if loaded.tokenizer else None
+    if token_ids is None:
+        raise click.ClickException(f"{model}: the model has no tokenizer to read --data")
+    try:
+        windows = calibration_windows(token_ids, samples, sample_tokens, seed)
+    except ValueError as exc:
+        raise click.ClickException(f"--data {data}: {exc}") from None
+    start = time.perf_counter()
+    before, _ = router_loads(loaded.model, windows, alpha=alpha)
+    click.echo(f"router load on {len(windows)} windows ({sum(map(len, windows))} tokens), "
+               f"{loaded.model_id}:")
+    for line in _load_table(before):
+        click.echo(line)
+    report = {"model": loaded.model_id, "samples": len(windows),
+              "tokens": sum(map(len, windows)), "before": [l.to_dict() for l in before],
+              "before_summary": summary(before)}
+    after = None
+    if balance:
+        after, biases = router_loads(loaded.model, windows, balance=True, gamma=gamma,
+                                     alpha=alpha)
+        save_expert_bias(target, biases)
+        click.echo(f"balanced (gamma {gamma}); wrote {target / EXPERT_BIAS_FILE}:")
+        for line in _load_table(after):
+            click.echo(line)
+        report["after"] = [l.to_dict() for l in after]
+        report["after_summary"] = summary(after)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "calibrate.json").write_text(json.dumps(report, indent=2) + "\n")
+        heatmap(before, output / "load_before.png", "load before balancing")
+        if after is not None:
+            heatmap(after, output / "load_after.png", "load after --balance")
+        click.echo(f"report: {output}")
+    worst = max(l.max_over_mean for l in before)
+    line = f"max/mean load: {worst:.3f} (worst layer)"
+    if after is not None:
+        line = (f"max/mean load: before {worst:.3f}, after "
+                f"{max(l.max_over_mean for l in after):.3f} (worst layer)")
+    click.echo(f"{line}; {time.perf_counter() - start:.1f} s")
