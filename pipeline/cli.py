@@ -180,8 +180,9 @@ def config_from_options(**kw) -> RunConfig:
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file (.parquet or .jsonl).")
+@click.argument("input_path", metavar="INPUT")
+@click.option("-o", "--output", required=True,
+              help="Output file (.parquet or .jsonl): a path or a URI (s3://, gs://, file://).")
 @click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default=None, help="Output format (default: from the output's suffix).")
 @click.option("--glob", default="**/*", show_default=True, help="File filter for directory stores.")
 @click.option("--id-column", default="id", show_default=True, help="Document id column (JSONL/Parquet).")
@@ -191,24 +192,28 @@ def config_from_options(**kw) -> RunConfig:
 @click.option("--print", "print_summaries", is_flag=True, help="Print each document's summary at the end.")
 @run_options
 def run(input_path, output, fmt, glob, id_column, text_column, limit, quiet, print_summaries, **kw):
-    """Summarize every document in INPUT (directory of .txt/.md, .jsonl, .parquet) into OUTPUT."""
+    """Summarize every document in INPUT (directory of .txt/.md, .jsonl, .parquet; a path or
+    a URI such as s3://bucket/prefix) into OUTPUT."""
+    from pipeline.fs import LocationError, as_local_or_uri
     from pipeline.output import read_results
     from pipeline.service import ConfigError, route_columns, run_documents
     from pipeline.stores import StoreError, open_store
 
     config = config_from_options(**kw)
-    fmt = fmt or ("jsonl" if output.suffix == ".jsonl" else "parquet")
+    output = as_local_or_uri(output)
+    fmt = fmt or ("jsonl" if str(output).endswith(".jsonl") else "parquet")
     if limit is not None and limit < 1:
         raise click.ClickException(f"--limit {limit}: must be at least 1")
     try:
         documents = open_store(input_path, glob=glob, id_column=id_column,
                                text_column=text_column, limit=limit,
                                columns=route_columns(config))
-        output.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(output, Path):
+            output.parent.mkdir(parents=True, exist_ok=True)
         progress = Progress(quiet)
         stats, replica_stats = run_documents(config, documents, output, fmt, on_progress=progress)
         progress.close()
-    except (StoreError, ConfigError) as exc:
+    except (StoreError, ConfigError, LocationError) as exc:
         raise _fail(exc) from None
     if not quiet:
         print_closing_table(stats, replica_stats)

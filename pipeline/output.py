@@ -33,11 +33,18 @@ JSONL rows carry the same keys in the same order. Rows are buffered and flushed 
 batches every `flush_rows` rows to `<path>.tmp-<pid>`; `close()` renames that to `path`
 (os.replace, atomic on one file system). On an exception inside `with ResultWriter(...)` the
 temp file is removed and `path` is left as it was (absent if it did not exist).
+
+`path` may be a URI (`s3://bucket/out.parquet`; pipeline.fs): rows stream to the hidden
+object `.<name>.tmp-<pid>-<random>` beside it (a multipart upload, invisible until complete),
+and `close()` moves it to `path` (a server-side copy, so `path` appears whole or not at all,
+then the temporary object is deleted). No `fsync`/rename exists there; a killed writer leaves
+at most an uncompleted upload or a hidden temporary object.
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import json
 import logging
 import os
@@ -48,6 +55,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.fs import Location, LocationError, open_local_or_remote, unique_token
 from pipeline.stores import Document
 
 logger = logging.getLogger(__name__)
@@ -267,19 +275,32 @@ class ResultWriter:
             raise ValueError(f"output format must be one of {FORMATS}, got {format!r}")
         if isinstance(flush_rows, bool) or not isinstance(flush_rows, int) or flush_rows < 1:
             raise ValueError(f"flush_rows must be a positive integer, got {flush_rows!r}")
-        self.path = Path(path)
+        self.path: Path | Location = open_local_or_remote(path)
         self.format = format
         self.flush_rows = flush_rows
-        self.tmp_path = self.path.with_name(f"{self.path.name}{_TMP_MARK}{os.getpid()}")
         self.num_rows = 0
         self._rows: list[dict[str, Any]] = []
         self._doc_ids: set[str] = set()
         self._closed = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp_files(self.path.parent, self.path.name)
+        self._stream = None  # the remote object being written
+        if isinstance(self.path, Location):
+            self.tmp_path = self.path.with_name(f".{self.path.name}{_TMP_MARK}{unique_token()}")
+            try:
+                self._stream = sink = self.tmp_path.open_write()
+            except OSError as exc:
+                raise LocationError(f"cannot write {self.path} ({exc}); check the bucket and "
+                                    f"the credentials in the environment") from None
+        else:
+            self.tmp_path = self.path.with_name(f"{self.path.name}{_TMP_MARK}{os.getpid()}")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp_files(self.path.parent, self.path.name)
+            sink = self.tmp_path
         if format == "parquet":
-            self._parquet: pq.ParquetWriter | None = pq.ParquetWriter(self.tmp_path, OUTPUT_SCHEMA)
+            self._parquet: pq.ParquetWriter | None = pq.ParquetWriter(sink, OUTPUT_SCHEMA)
             self._jsonl = None
+        elif self._stream is not None:
+            self._parquet = None
+            self._jsonl = io.TextIOWrapper(self._stream, encoding="utf-8")
         else:
             self._parquet = None
             self._jsonl = open(self.tmp_path, "w", encoding="utf-8")
@@ -322,6 +343,8 @@ class ResultWriter:
             self._parquet.close()
         if self._jsonl is not None:
             self._jsonl.close()
+        if self._stream is not None and not self._stream.closed:
+            self._stream.close()
 
     def close(self) -> None:
         """Flush, then rename the temp file to `path`."""
@@ -334,7 +357,10 @@ class ResultWriter:
             raise
         self._closed = True
         self._close_file()
-        os.replace(self.tmp_path, self.path)
+        if isinstance(self.path, Location):
+            self.tmp_path.move_to(self.path)
+        else:
+            os.replace(self.tmp_path, self.path)
         logger.info("wrote %d rows to %s", self.num_rows, self.path)
 
     def abort(self) -> None:
@@ -346,20 +372,27 @@ class ResultWriter:
         try:
             self._close_file()
         finally:
-            self.tmp_path.unlink(missing_ok=True)
+            if isinstance(self.tmp_path, Location):
+                self.tmp_path.delete()
+            else:
+                self.tmp_path.unlink(missing_ok=True)
         logger.warning("aborted %s after %d rows; nothing written", self.path, self.num_rows)
 
 
 def read_results(path: str | Path, format: str | None = None) -> list[dict[str, Any]]:
     """All rows of a results file as dicts with OUTPUT_SCHEMA's keys. `format` defaults to
-    the suffix (.parquet, .jsonl)."""
-    path = Path(path)
+    the suffix (.parquet, .jsonl). `path` may be a URI."""
+    path = open_local_or_remote(path)
     if format is None:
         format = {".parquet": "parquet", ".jsonl": "jsonl"}.get(path.suffix.lower())
     if format == "parquet":
+        if isinstance(path, Location):
+            return pq.read_table(path.path, filesystem=path.fs).to_pylist()
         return pq.read_table(path).to_pylist()
     if format == "jsonl":
-        with open(path, encoding="utf-8") as f:
+        f = (io.TextIOWrapper(path.open_read(), encoding="utf-8") if isinstance(path, Location)
+             else open(path, encoding="utf-8"))
+        with f:
             return [json.loads(line) for line in f if line.strip()]
     raise ValueError(f"results file {str(path)!r}: unknown format {format or path.suffix!r}; "
                      f"use .parquet or .jsonl, or pass format")

@@ -16,6 +16,11 @@ Formats and ids:
   the file has it (null -> fallback), else `"{stem}:{row}"` (0-based row in the file);
   source = `path#row`.
 Ids are data, not paths: use `safe_file_stem` to name a file after one.
+
+Any of these can be a URI (`s3://bucket/prefix`, `gs://...`, `hdfs://...`, `file://...`;
+pipeline.fs): a prefix is a directory, objects are streamed the same way (JSONL a buffer
+at a time, Parquet by record batches from a seekable remote file), and `source` names the URI.
+In a `--glob` over a prefix, `*` also matches `/`, and `**/` may match nothing.
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.fs import Location, LocationError, open_local_or_remote
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +136,27 @@ def _id_value(value: object) -> str | None:
 # -- directory of text files ---------------------------------------------------------------
 
 
-def _files_by_suffix(root: Path, glob: str, suffixes: frozenset[str]) -> list[Path]:
+def _open_binary(path: Path | Location):
+    return path.open_read() if isinstance(path, Location) else open(path, "rb")
+
+
+def _parquet_source(path: Path | Location):
+    return path.open_random() if isinstance(path, Location) else path
+
+
+def _remote_glob(root: Location, pattern: str) -> list[Location]:
+    def matches(rel: str) -> bool:
+        return fnmatchcase(rel, pattern) or (pattern.startswith("**/")
+                                             and fnmatchcase(rel, pattern[3:]))
+
+    return [p for p in root.files() if matches(p.relative_to(root).as_posix())]
+
+
+def _files_by_suffix(root: Path | Location, glob: str,
+                     suffixes: frozenset[str]) -> list[Path | Location]:
     """Files under `root` matching `glob` with one of `suffixes`, sorted by relative path."""
+    if isinstance(root, Location):
+        return [p for p in _remote_glob(root, glob) if p.suffix.lower() in suffixes]
     return sorted(
         (p for p in _glob(root, glob) if p.suffix.lower() in suffixes and p.is_file()),
         key=lambda p: p.relative_to(root).as_posix(),
@@ -141,7 +168,7 @@ def _read_text_dir(root: Path, files: list[Path]) -> Iterator[Document]:
         doc_id = path.relative_to(root).as_posix()
         source = str(path)
         try:
-            with open(path, "rb") as f:
+            with _open_binary(path) as f:
                 raw = f.read()
         except OSError as exc:
             yield _failed(doc_id, source, b"", f"{source}: cannot read file ({exc.strerror or exc})",
@@ -159,7 +186,7 @@ def _read_text_dir(root: Path, files: list[Path]) -> Iterator[Document]:
 
 def _read_jsonl(path: Path, id_column: str, text_column: str) -> Iterator[Document]:
     stem = path.stem
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
@@ -217,7 +244,7 @@ def _string_view(t: pa.DataType) -> bool:
 def _parquet_problem(path: Path, text_column: str) -> str | None:
     """Why a Parquet file cannot be read as configured, or None."""
     try:
-        schema = pq.read_schema(path)
+        schema = pq.read_schema(_parquet_source(path))
     except (OSError, pa.ArrowException) as exc:
         return f"{path} is not a readable Parquet file ({exc}); check the input"
     if text_column not in schema.names:
@@ -247,7 +274,7 @@ def _read_parquet(files: list[Path], id_column: str, text_column: str,
         if path in problems:
             yield _failed(f"{path.name}:*", str(path), b"", problems[path], {"format": "parquet"})
             continue
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(_parquet_source(path))
         has_id = id_column in pf.schema_arrow.names
         columns = [text_column] + ([id_column] if has_id and id_column != text_column else [])
         extra = [c for c in meta_columns if c in pf.schema_arrow.names and c not in columns]
@@ -331,7 +358,7 @@ def _check_columns(path: Path, kind: str, columns: tuple[str, ...], have: list[s
 
 def _jsonl_columns(path: Path) -> list[str] | None:
     """The keys of the first JSON object of a JSONL file (None when it has none)."""
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         for raw in f:
             if raw.strip():
                 try:
@@ -366,8 +393,12 @@ def open_store(
         raise StoreError(f"limit must be a non-negative integer, got {limit!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise StoreError(f"batch_size must be a positive integer, got {batch_size!r}")
-    path = Path(path)
-    if not path.exists():
+    try:
+        path = open_local_or_remote(path)
+        exists = path.exists()
+    except LocationError as exc:
+        raise StoreError(f"input {exc}") from None
+    if not exists:
         raise StoreError(
             f"input {str(path)!r} does not exist; pass a directory of .txt/.md files, "
             f"a .jsonl file or a .parquet file/directory"
@@ -385,7 +416,8 @@ def open_store(
         if parquet_files:
             problems = _check_parquet(parquet_files, text_column)
             good = next(p for p in parquet_files if p not in problems)
-            _check_columns(path, "Parquet dataset", columns, pq.read_schema(good).names)
+            _check_columns(path, "Parquet dataset", columns,
+                           pq.read_schema(_parquet_source(good)).names)
             docs = _read_parquet(parquet_files, id_column, text_column, batch_size, problems,
                                  columns)
         elif text_files:
@@ -398,10 +430,10 @@ def open_store(
             )
     elif path.suffix.lower() in TEXT_SUFFIXES:
         _check_columns(path, "", columns, None)
-        docs = _read_text_dir(path.parent, [path])
+        docs = _read_text_dir(path.parent, [path])  # a Location's parent is its prefix
     elif path.suffix.lower() in JSONL_SUFFIXES:
         try:
-            with open(path, "rb"):
+            with _open_binary(path):
                 pass
         except OSError as exc:
             raise StoreError(f"cannot read {str(path)!r} ({exc.strerror or exc}); "
@@ -411,7 +443,7 @@ def open_store(
         docs = _read_jsonl(path, id_column, text_column)
     elif path.suffix.lower() in PARQUET_SUFFIXES:
         problems = _check_parquet([path], text_column)
-        _check_columns(path, "Parquet file", columns, pq.read_schema(path).names)
+        _check_columns(path, "Parquet file", columns, pq.read_schema(_parquet_source(path)).names)
         docs = _read_parquet([path], id_column, text_column, batch_size, problems, columns)
     else:
         raise StoreError(

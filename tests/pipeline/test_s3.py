@@ -1,0 +1,157 @@
+"""Stores, outputs and job directories on S3: a real S3-compatible server (moto's server
+mode) started on 127.0.0.1 by the tests, talked to by pyarrow's own S3 client over HTTP.
+
+Run inside scripts/netns (as `make test` does) so nothing can leave loopback."""
+
+import json
+import os
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+pytest.importorskip("moto.server")
+
+from click.testing import CliRunner  # noqa: E402
+
+from pipeline.fs import location  # noqa: E402
+from pipeline.output import DocResult, ResultWriter, read_results  # noqa: E402
+from pipeline.stores import StoreError, open_store  # noqa: E402
+
+BUCKET = "docpipe-test"
+ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+            "AWS_EC2_METADATA_DISABLED")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on a free loopback port, with the AWS variables pointing at it for
+    the session (and for subprocesses, which inherit them); stopped at the end."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in ENV_KEYS}
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1",
+                      AWS_EC2_METADATA_DISABLED="true")
+    import pyarrow.fs as pafs
+
+    pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http",
+                      allow_bucket_creation=True).create_dir(BUCKET)
+    try:
+        yield f"{host}:{port}"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_prefix(s3_server, request):
+    """A fresh prefix per test: s3://docpipe-test/<test name>-<time>."""
+    name = request.node.name.replace("[", "-").replace("]", "")
+    return f"s3://{BUCKET}/{name}-{time.monotonic_ns()}"
+
+
+def put(uri: str, data: bytes) -> None:
+    loc = location(uri)
+    with loc.open_write() as f:
+        f.write(data)
+
+
+def keys(prefix: str) -> list[str]:
+    root = location(prefix)
+    return [p.relative_to(root).as_posix() for p in root.files()]
+
+
+# -- stores -------------------------------------------------------------------------------
+
+
+def test_text_prefix_from_bucket(s3_prefix):
+    put(f"{s3_prefix}/docs/a.txt", b"Alpha text.")
+    put(f"{s3_prefix}/docs/sub/b.md", b"Beta text.")
+    put(f"{s3_prefix}/docs/skip.bin", b"\0")
+    put(f"{s3_prefix}/docs/bad.txt", b"\xff\xfe")
+    docs = list(open_store(f"{s3_prefix}/docs"))
+    assert [d.doc_id for d in docs] == ["a.txt", "bad.txt", "sub/b.md"]
+    assert docs[0].text == "Alpha text." and docs[0].source == f"{s3_prefix}/docs/a.txt"
+    assert docs[1].error.startswith(f"{s3_prefix}/docs/bad.txt: invalid UTF-8")
+    assert [d.doc_id for d in open_store(f"{s3_prefix}/docs", glob="sub/*")] == ["sub/b.md"]
+    one = list(open_store(f"{s3_prefix}/docs/a.txt"))
+    assert [(d.doc_id, d.text) for d in one] == [("a.txt", "Alpha text.")]
+
+
+def test_jsonl_from_bucket(s3_prefix):
+    lines = [json.dumps({"id": f"d{i}", "text": f"line {i} " * 50, "lang": "en"}) for i in range(3000)]
+    put(f"{s3_prefix}/docs.jsonl", ("\n".join(lines) + "\n\nnot json\n").encode())
+    docs = list(open_store(f"{s3_prefix}/docs.jsonl", columns=["lang"]))
+    assert len(docs) == 3001
+    assert docs[0].doc_id == "d0" and docs[0].metadata["lang"] == "en"
+    assert docs[2999].text == "line 2999 " * 50
+    assert docs[-1].error == f"{s3_prefix}/docs.jsonl#3002: not valid JSON (Expecting value at column 1)"
+
+
+def test_parquet_dataset_from_bucket_in_record_batches(s3_prefix):
+    for part in range(2):
+        table = pa.table({"id": [f"p{part}-{i}" for i in range(300)],
+                          "text": [f"row {i} of part {part}" for i in range(300)],
+                          "score": [i / 300 for i in range(300)]})
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, row_group_size=100)
+        put(f"{s3_prefix}/ds/part-{part}.parquet", buf.getvalue().to_pybytes())
+    docs = list(open_store(f"{s3_prefix}/ds", batch_size=64, columns=["score"]))
+    assert len(docs) == 600 and docs[301].doc_id == "p1-1"
+    assert docs[301].source == f"{s3_prefix}/ds/part-1.parquet#1"
+    assert docs[301].metadata["score"] == pytest.approx(1 / 300)
+    with pytest.raises(StoreError, match="has no column 'body'"):
+        open_store(f"{s3_prefix}/ds", text_column="body")
+
+
+def test_missing_and_credential_uris_are_store_errors(s3_prefix):
+    with pytest.raises(StoreError, match=f"input '{s3_prefix}/nope' does not exist"):
+        open_store(f"{s3_prefix}/nope")
+    with pytest.raises(StoreError, match="credentials do not belong in a URI") as info:
+        open_store(f"s3://AKIA:secret@{BUCKET}/x.jsonl")
+    assert "secret" not in str(info.value)
+
+
+# -- outputs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_writer_to_bucket_is_atomic(s3_prefix, fmt):
+    out = f"{s3_prefix}/out.{fmt}"
+    with ResultWriter(out, fmt, flush_rows=2) as w:
+        for i in range(5):
+            w.write(DocResult(doc_id=f"d{i}", source="s", summary=f"sum {i}"))
+        # rows so far live in a hidden temporary object; nothing at `out` yet
+        assert [k for k in keys(s3_prefix) if not k.startswith(".")] == []
+    assert keys(s3_prefix) == [f"out.{fmt}"]
+    assert [r["summary"] for r in read_results(out)] == [f"sum {i}" for i in range(5)]
+    with pytest.raises(RuntimeError), ResultWriter(out, fmt) as w:
+        w.write(DocResult(doc_id="x", source="s"))
+        raise RuntimeError("boom")
+    assert keys(s3_prefix) == [f"out.{fmt}"]  # the old output untouched, no temporary left
+    assert len(read_results(out)) == 5
+
+
+def test_cli_run_bucket_to_bucket(s3_prefix, tiny_model_dir):
+    from jobs.cli import main
+
+    for i in range(2):
+        put(f"{s3_prefix}/in/doc{i}.txt", (f"Document {i}. " + "Calm seas. " * 60).encode())
+    result = CliRunner().invoke(main, ["run", f"{s3_prefix}/in", "-o", f"{s3_prefix}/out.parquet",
+                                       "--model", str(tiny_model_dir), "--no-ray", "--quiet",
+                                       "--chunk-tokens", "128", "--overlap", "16",
+                                       "--max-summary-tokens", "6", "--dtype", "float32"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = read_results(f"{s3_prefix}/out.parquet")
+    assert [(r["doc_id"], r["status"]) for r in rows] == [("doc0.txt", "ok"), ("doc1.txt", "ok")]
+    assert rows[0]["source"] == f"{s3_prefix}/in/doc0.txt"
