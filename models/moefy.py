@@ -87,7 +87,7 @@ def calibration_windows(token_ids: list[list[int]], num_samples: int, sample_tok
 
 @torch.inference_mode()
 def collect_stats(model, windows: list[list[int]], batch_size: int = 8) -> list[LayerStats]:
-    """One dense forward over the windows; hooks on every FFN accumulate `LayerStats`."""
+    """One dense forward over the windows; every FFN, wrapped, accumulates `LayerStats`."""
     cfg: ModelConfig = model.config
     H, I = cfg.hidden_size, cfg.intermediate_size
     stats, hooks = [], []
@@ -100,25 +100,31 @@ def collect_stats(model, windows: list[list[int]], batch_size: int = 8) -> list[
         stats.append(s)
         down_norm = mlp.down_proj.weight.float().norm(dim=0)  # [I]
 
-        def hook(module, args, s=s, down_norm=down_norm):
-            x = args[0].float()
-            m = module.act_mul(module.gate_up_proj(args[0])).float().abs() * down_norm
-            s.xtx += (x.T @ x).double()
-            s.xtm += (x.T @ m).double()
+        def forward(x, fixed_k=False, mlp=mlp, s=s, down_norm=down_norm):
+            a = mlp.act_mul(mlp.gate_up_proj(x, fixed_k))  # computed once, for both uses
+            xf, m = x.float(), a.float().abs() * down_norm
+            s.xtx += (xf.T @ xf).double()
+            s.xtm += (xf.T @ m).double()
             s.mtm += (m.T @ m).double()
             s.mass += m.sum(0).double()
             s.num_tokens += x.shape[0]
+            return mlp.down_proj(a, fixed_k)
 
-        hooks.append(mlp.register_forward_pre_hook(hook))
+        mlp.forward = forward  # an instance attribute: removed in `finally`
+        hooks.append(mlp)
+    start, step = time.perf_counter(), max(len(windows) // 10, batch_size)
     try:
         for lo in range(0, len(windows), batch_size):
+            if lo and lo % step < batch_size:
+                logger.info("calibration: %d of %d windows (%.0f s)", lo, len(windows),
+                            time.perf_counter() - start)
             batch = windows[lo : lo + batch_size]
             ids = torch.tensor([t for w in batch for t in w], device=model.device)
             positions = torch.cat([torch.arange(len(w)) for w in batch]).to(model.device)
             model(ids, positions, AttentionMetadata.for_dense([len(w) for w in batch]))
     finally:
-        for h in hooks:
-            h.remove()
+        for mlp in hooks:
+            del mlp.forward
     return stats
 
 
