@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+import pipeline.model_cli  # noqa: F401  (registers eval, moefy, calibrate on main)
 from pipeline.cli import CONTEXT, Progress, _fail, main
 
 __all__ = ["main"]
