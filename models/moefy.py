@@ -13,13 +13,15 @@ dense model over the calibration windows:
    spherical k-means over their co-activation profiles (row j of M^T M, L2-normalised).
    Why: neurons that fire on the same tokens belong in one expert, so the K experts a token
    picks hold most of its mass; rows of M^T M summarise a neuron's firing pattern over all
-   calibration tokens in R numbers, whatever the token count. Sizes are forced equal
+   calibration tokens in R numbers, whatever the token count (summed over a subsample of
+   about 16k tokens: it costs I / H times the router's sums). Sizes are forced equal
    (greedy capacity-constrained assignment, most similar (neuron, centroid) pairs first)
    so every expert costs the same GEMM and the FLOPs per token are exactly K / E of the
    routed part. Initialised by k-means++ from a seeded generator: deterministic for a seed.
 4. Router: least squares (ridge, closed form from the accumulated X^T X and X^T M) from X
    to each expert's mass, divided by the mean expert mass (so logits are relative masses,
-   about 1 on average). The fit's residual (1 - R^2 of the expert masses) is reported.
+   about 1 on average). The fit's residual (1 - R^2 of the expert masses, on the profile
+   subsample) is reported.
 
 Gates (`write_checkpoint`):
 - "hard": docpipe_moe (docpipe only): chosen experts weigh 1; at K = E the dense model.
@@ -57,9 +59,15 @@ class LayerStats:
 
     xtx: torch.Tensor  # [H, H]   X^T X
     xtm: torch.Tensor  # [H, I]   X^T M   (M: per-token activation mass, [T, I])
-    mtm: torch.Tensor  # [I, I]   M^T M
     mass: torch.Tensor  # [I]     sum_t M
     num_tokens: int = 0
+    # On the profile subsample (every `profile_every`-th batch, its own sums): M^T M costs
+    # I / H times X^T M, so it is summed over fewer tokens; the fit residual is measured there.
+    mtm: torch.Tensor | None = None  # [I, I]   M^T M
+    sub_xtx: torch.Tensor | None = None
+    sub_xtm: torch.Tensor | None = None
+    sub_mass: torch.Tensor | None = None
+    sub_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -67,7 +75,7 @@ class LayerPlan:
     shared: list[int]  # neuron ids of the shared expert (S)
     experts: list[list[int]]  # E lists of R / E neuron ids, each sorted
     router: torch.Tensor  # [E, H] fp32 logits weight
-    residual: float  # 1 - R^2 of the expert-mass fit on the calibration tokens
+    residual: float  # 1 - R^2 of the expert-mass fit (on the profile subsample)
     kmeans_iters: int
 
 
@@ -86,28 +94,40 @@ def calibration_windows(token_ids: list[list[int]], num_samples: int, sample_tok
 
 
 @torch.inference_mode()
-def collect_stats(model, windows: list[list[int]], batch_size: int = 8) -> list[LayerStats]:
+def collect_stats(model, windows: list[list[int]], batch_size: int = 8,
+                  profile_tokens: int = 16384) -> list[LayerStats]:
     """One dense forward over the windows; every FFN, wrapped, accumulates `LayerStats`."""
     cfg: ModelConfig = model.config
     H, I = cfg.hidden_size, cfg.intermediate_size
     stats, hooks = [], []
+    num_batches = -(-len(windows) // batch_size)
+    tokens_per_batch = sum(map(len, windows)) / max(num_batches, 1)
+    profile_every = max(1, int(num_batches * tokens_per_batch // profile_tokens))
+    state = {"profile": True}
     for layer in model.layers:
         mlp = layer.mlp
         if layer.is_moe or not hasattr(mlp, "gate_up_proj"):
             raise ValueError("moefy needs a dense gated-MLP model (llama, mistral, qwen2)")
-        s = LayerStats(torch.zeros(H, H, dtype=torch.float64), torch.zeros(H, I, dtype=torch.float64),
-                       torch.zeros(I, I, dtype=torch.float64), torch.zeros(I, dtype=torch.float64))
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        s = LayerStats(z(H, H), z(H, I), z(I), mtm=z(I, I), sub_xtx=z(H, H), sub_xtm=z(H, I),
+                       sub_mass=z(I))
         stats.append(s)
         down_norm = mlp.down_proj.weight.float().norm(dim=0)  # [I]
 
         def forward(x, fixed_k=False, mlp=mlp, s=s, down_norm=down_norm):
             a = mlp.act_mul(mlp.gate_up_proj(x, fixed_k))  # computed once, for both uses
             xf, m = x.float(), a.float().abs() * down_norm
-            s.xtx += (xf.T @ xf).double()
-            s.xtm += (xf.T @ m).double()
-            s.mtm += (m.T @ m).double()
-            s.mass += m.sum(0).double()
+            xtx, xtm, mass = (xf.T @ xf).double(), (xf.T @ m).double(), m.sum(0).double()
+            s.xtx += xtx
+            s.xtm += xtm
+            s.mass += mass
             s.num_tokens += x.shape[0]
+            if state["profile"]:
+                s.mtm += (m.T @ m).double()
+                s.sub_xtx += xtx
+                s.sub_xtm += xtm
+                s.sub_mass += mass
+                s.sub_tokens += x.shape[0]
             return mlp.down_proj(a, fixed_k)
 
         mlp.forward = forward  # an instance attribute: removed in `finally`
@@ -119,6 +139,7 @@ def collect_stats(model, windows: list[list[int]], batch_size: int = 8) -> list[
                 logger.info("calibration: %d of %d windows (%.0f s)", lo, len(windows),
                             time.perf_counter() - start)
             batch = windows[lo : lo + batch_size]
+            state["profile"] = (lo // batch_size) % profile_every == 0
             ids = torch.tensor([t for w in batch for t in w], device=model.device)
             positions = torch.cat([torch.arange(len(w)) for w in batch]).to(model.device)
             model(ids, positions, AttentionMetadata.for_dense([len(w) for w in batch]))
@@ -185,15 +206,16 @@ def plan_layer(s: LayerStats, num_experts: int, shared_neurons: int, seed: int,
     member = torch.zeros(I, num_experts, dtype=torch.float64)  # neuron -> expert indicator
     for e, ids in enumerate(experts):
         member[ids, e] = 1.0
-    n = s.num_tokens
     xty = s.xtm @ member  # [H, E]
-    yty = member.T @ s.mtm @ member  # [E, E]
-    y_sum = s.mass @ member  # [E]
-    mean_mass = float(y_sum.sum()) / (n * num_experts)
+    mean_mass = float((s.mass @ member).sum()) / (s.num_tokens * num_experts)
     H = s.xtx.shape[0]
     reg = ridge * float(torch.trace(s.xtx)) / H
     w = torch.linalg.solve(s.xtx + reg * torch.eye(H, dtype=torch.float64), xty)  # [H, E]
-    sse = float(torch.trace(yty) - 2 * torch.sum(w * xty) + torch.sum(w * (s.xtx @ w)))
+    # residual on the profile subsample, where M^T M (hence Y^T Y) is known
+    n, sub_xty = s.sub_tokens, s.sub_xtm @ member
+    yty = member.T @ s.mtm @ member  # [E, E]
+    y_sum = s.sub_mass @ member  # [E]
+    sse = float(torch.trace(yty) - 2 * torch.sum(w * sub_xty) + torch.sum(w * (s.sub_xtx @ w)))
     total = float(torch.trace(yty) - (y_sum**2).sum() / n)
     residual = sse / total if total > 0 else 0.0
     router = (w.T / mean_mass).float()
@@ -330,7 +352,8 @@ def moefy(model, tokenizer, token_ids: list[list[int]], out_dir: Path, *, num_ex
     plans = plan_layers(stats, num_experts, shared_neurons, seed)
     calibration = {
         "samples": len(windows), "sample_tokens": sample_tokens,
-        "tokens": sum(len(w) for w in windows), "seed": seed, "method": METHOD,
+        "tokens": sum(len(w) for w in windows),
+        "profile_tokens": stats[0].sub_tokens, "seed": seed, "method": METHOD,
         "experts": num_experts, "top_k": top_k, "shared_neurons": shared_neurons, "gate": gate,
         "source_model": cfg.name, "collect_s": round(collect_s, 1),
         "plan_s": round(time.perf_counter() - start - collect_s, 1),
