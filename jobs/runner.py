@@ -31,7 +31,9 @@ from pathlib import Path
 
 from jobs.spec import JobSpec
 from jobs.state import JobState
+from pipeline.fs import Location, as_local_or_uri, open_local_or_remote
 from pipeline.output import remove_stale_tmp_files
+from pipeline.request_log import RequestLog
 from pipeline.service import open_pool, route_columns, run_documents, run_fingerprint
 from pipeline.stores import Document, open_store
 
@@ -43,11 +45,18 @@ class JobLocked(RuntimeError):
 
 
 @contextmanager
-def job_lock(output_dir: Path):
+def job_lock(output_dir: Path | str):
     """An exclusive, non-blocking lock on the job's output directory (released on exit or
-    when the process dies, so a killed run never leaves a stale lock)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(output_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    when the process dies, so a killed run never leaves a stale lock). For a URI the lock
+    file is in the job's local cache directory (jobs.remote_state: one machine only)."""
+    if isinstance(output_dir, str):
+        from jobs.remote_state import job_cache_dir
+
+        lock_path = job_cache_dir(output_dir) / ".lock"
+    else:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock_path = output_dir / ".lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -75,13 +84,14 @@ class JobRunSummary:
 
 def run_job(spec: JobSpec, *, engine=None, pool=None,
             on_progress: Callable | None = None) -> JobRunSummary:
-    """Run the job once. `engine`/`pool` inject an in-process engine or a pool (tests)."""
-    out = spec.output_dir
+    """Run the job once. `engine`/`pool` inject an in-process engine or a pool (tests).
+    `spec.output_dir` may be a URI (s3://...; its state: jobs.remote_state)."""
+    out = as_local_or_uri(spec.output_dir)
     with job_lock(out):
         state = JobState(out)
         try:
             state.recover()
-            _remove_leftovers(out)
+            _remove_leftovers(state.dir)
             run_id = state.begin_run()
             try:
                 fingerprint = run_fingerprint(spec.run)
@@ -102,26 +112,32 @@ def run_job(spec: JobSpec, *, engine=None, pool=None,
                         continue
                     yield doc
 
-            part = out / f"part-{run_id:05d}.parquet"
-            tmp = out / f".part-{run_id:05d}.parquet.inprogress"
+            log = RequestLog()
+            cached, on_result = log.hooks(state.cached, state.store_result)
+            part = _child(state.dir, f"part-{run_id:05d}.parquet")
+            tmp = _child(state.dir, f".part-{run_id:05d}.parquet.inprogress")
             try:
                 if pool is None and engine is not None:
                     with open_pool(spec.run, engine=engine) as p:
-                        stats, replicas = run_documents(spec.run, todo(), tmp, pool=p,
+                        stats, replicas = run_documents(spec.run, todo(), str(tmp), pool=p,
                                                         on_progress=on_progress,
-                                                        cached=state.cached, on_result=state.store_result)
+                                                        cached=cached, on_result=on_result)
                 else:
-                    stats, replicas = run_documents(spec.run, todo(), tmp, pool=pool,
+                    stats, replicas = run_documents(spec.run, todo(), str(tmp), pool=pool,
                                                     on_progress=on_progress,
-                                                    cached=state.cached, on_result=state.store_result)
+                                                    cached=cached, on_result=on_result)
             except BaseException as exc:
                 state.end_run(run_id, "failed", num_skipped=skipped, note=_error_note(exc))
                 raise
             retries = max((r.get("num_retried_requests", 0) for r in replicas), default=0)
             published = None
-            if stats.num_docs:
+            if stats.num_docs:  # the request log first: the ledger entry commits the run
+                log.write(_child(state.dir, f"_requests/run-{run_id:05d}.parquet"), replicas,
+                          stats.wall_s)
                 state.publish(run_id, tmp, part, fingerprint)
                 published = part
+            elif isinstance(tmp, Location):
+                tmp.delete()
             else:
                 tmp.unlink(missing_ok=True)
             state.end_run(
@@ -140,9 +156,21 @@ def _error_note(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:2000]
 
 
-def _remove_leftovers(output_dir: Path) -> None:
+def _child(directory: Path | Location, name: str) -> Path | Location:
+    return directory.join(name) if isinstance(directory, Location) else directory / name
+
+
+def _remove_leftovers(output_dir: Path | Location) -> None:
     """Called with the lock held and after `recover()`: no run is writing here, and every
     publish a killed run began is finished, so remaining in-progress parts are orphans."""
+    if isinstance(output_dir, Location):
+        # no pids to check across machines: with the lock held, every hidden temporary
+        # object and in-progress part at the top level is a killed run's
+        for obj in output_dir.files(recursive=False):
+            if obj.name.startswith(".") and (".tmp-" in obj.name or ".inprogress" in obj.name):
+                logger.info("removing %s, left by a killed run", obj)
+                obj.delete()
+        return
     remove_stale_tmp_files(output_dir)
     # (the second pattern: the in-progress name before 0.2)
     for pattern in (".part-*.parquet.inprogress", ".part-*.inprogress.parquet"):
@@ -151,12 +179,22 @@ def _remove_leftovers(output_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def read_dataset(output_dir: Path):
-    """The job's current dataset as one pyarrow Table (all parts)."""
+def read_dataset(output_dir: Path | str):
+    """The job's current dataset as one pyarrow Table (all parts); a URI reads its objects."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parts = sorted(output_dir.glob("part-*.parquet"))
+    where = open_local_or_remote(output_dir)
+    if isinstance(where, Location):
+        parts = [p for p in where.files(recursive=False)
+                 if p.name.startswith("part-") and p.name.endswith(".parquet")]
+        tables = [pq.read_table(p.path, filesystem=p.fs) for p in parts]
+        if not tables:
+            from pipeline.output import OUTPUT_SCHEMA
+
+            return OUTPUT_SCHEMA.empty_table()
+        return pa.concat_tables(tables, promote_options="default")
+    parts = sorted(where.glob("part-*.parquet"))
     if not parts:
         from pipeline.output import OUTPUT_SCHEMA
 

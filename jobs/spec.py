@@ -67,8 +67,8 @@ MISSED_POLICIES = ("skip", "run-once")
 class JobSpec:
     name: str
     source: Path  # the job file
-    input_path: Path
-    output_dir: Path
+    input_path: Path | str  # a URI (s3://...) stays a str (pipeline.fs)
+    output_dir: Path | str
     run: RunConfig
     glob: str = "**/*"
     id_column: str = "id"
@@ -200,8 +200,8 @@ def parse_job(raw: dict[str, Any], path: Path) -> JobSpec:
     return JobSpec(
         name=get("job", "name") or path.stem,
         source=path,
-        input_path=(base / get("input", "path")).resolve(),
-        output_dir=(base / get("output", "path")).resolve(),
+        input_path=_where(base, get("input", "path")),
+        output_dir=_where(base, get("output", "path")),
         run=run,
         glob=get("input", "glob"),
         id_column=get("input", "id_column"),
@@ -212,6 +212,14 @@ def parse_job(raw: dict[str, Any], path: Path) -> JobSpec:
         timezone=timezone,
         raw=raw,
     )
+
+
+def _where(base: Path, value: str) -> Path | str:
+    """A path relative to the job file, or a URI as written (`file://` URIs become paths)."""
+    from pipeline.fs import as_local_or_uri
+
+    where = as_local_or_uri(value)
+    return (base / where).resolve() if isinstance(where, Path) else where
 
 
 def _check_timezone(path: Path, name: str) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.fs import as_local_or_uri, is_uri
 from workers.host import WorkResult
 
 LEDGER_NAME = "_ledger.jsonl"
@@ -50,7 +51,19 @@ CREATE TABLE IF NOT EXISTS schedule (job TEXT PRIMARY KEY, last_tick REAL);
 
 
 class JobState:
+    """`JobState(dir)` for a local directory; `JobState("s3://...")` is a RemoteJobState
+    (jobs.remote_state): the same tables, rebuilt from objects beside the output."""
+
+    def __new__(cls, output_dir=None, *args, **kwargs):
+        if cls is JobState and isinstance(output_dir, str) and is_uri(output_dir) \
+                and not isinstance(as_local_or_uri(output_dir), Path):
+            from jobs.remote_state import RemoteJobState
+
+            return super().__new__(RemoteJobState)
+        return super().__new__(cls)
+
     def __init__(self, output_dir: Path) -> None:
+        output_dir = as_local_or_uri(output_dir)
         self.dir = output_dir
         self.db = sqlite3.connect(output_dir / "_state.sqlite", isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -148,14 +161,15 @@ class JobState:
         for run_id, tmp, part, fingerprint in self.db.execute("SELECT * FROM publish").fetchall():
             self._finish_publish(run_id, self.path_of(tmp), self.path_of(part), fingerprint)
 
-    def _finish_publish(self, run_id: int, tmp: Path, part: Path, fingerprint: str) -> None:
+    def _finish_publish(self, run_id: int, tmp, part, fingerprint: str) -> None:
         if not tmp.exists() and not part.exists():
             # Killed after the intent was recorded but the files are gone (removed by hand):
             # nothing to publish.
             self.db.execute("DELETE FROM publish WHERE run_id=?", (run_id,))
+            self._publish_done(run_id)
             return
         source = tmp if tmp.exists() else part
-        table = pq.read_table(source, columns=["doc_id", "status", "content_hash"])
+        table = self._read_parquet(source, ["doc_id", "status", "content_hash"])
         rows = table.to_pylist()
         new_ids = {r["doc_id"] for r in rows}
         # Older parts holding rows this run superseded: rewrite them without those rows.
@@ -165,15 +179,29 @@ class JobState:
             if hit and hit[0] and Path(hit[0]).name != part.name:
                 olds.setdefault(Path(hit[0]).name, set()).add(doc_id)
         for old, ids in olds.items():
-            _drop_rows(self.dir / old, ids)
+            self._drop_rows(old, ids)
         if tmp.exists():
-            os.replace(tmp, part)
+            self._move(tmp, part)
         self.db.execute("BEGIN")
         for r in rows:
             self.db.execute("INSERT OR REPLACE INTO docs VALUES (?, ?, ?, ?, ?)",
                             (r["doc_id"], r["content_hash"], fingerprint, r["status"], part.name))
         self.db.execute("DELETE FROM publish WHERE run_id=?", (run_id,))
         self.db.execute("COMMIT")
+        self._publish_done(run_id)
+
+    # the file operations of a publish (RemoteJobState does them on objects)
+    def _read_parquet(self, path, columns: list[str]):
+        return pq.read_table(path, columns=columns)
+
+    def _drop_rows(self, name: str, doc_ids: set[str]) -> None:
+        _drop_rows(self.dir / name, doc_ids)
+
+    def _move(self, tmp, part) -> None:
+        os.replace(tmp, part)
+
+    def _publish_done(self, run_id: int) -> None:
+        pass
 
     # -- schedules --------------------------------------------------------------------------
     def last_tick(self, job: str) -> float | None:

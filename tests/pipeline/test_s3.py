@@ -4,7 +4,12 @@ mode) started on 127.0.0.1 by the tests, talked to by pyarrow's own S3 client ov
 Run inside scripts/netns (as `make test` does) so nothing can leave loopback."""
 
 import json
+import logging
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pyarrow as pa
@@ -30,6 +35,7 @@ def s3_server():
     the session (and for subprocesses, which inherit them); stopped at the end."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -155,3 +161,127 @@ def test_cli_run_bucket_to_bucket(s3_prefix, tiny_model_dir):
     rows = read_results(f"{s3_prefix}/out.parquet")
     assert [(r["doc_id"], r["status"]) for r in rows] == [("doc0.txt", "ok"), ("doc1.txt", "ok")]
     assert rows[0]["source"] == f"{s3_prefix}/in/doc0.txt"
+
+
+# -- job output directories -----------------------------------------------------------------
+
+
+def make_s3_job(tmp_path, model_dir, store: str, out: str):
+    from jobs.spec import load_job
+
+    path = tmp_path / "job.toml"
+    path.write_text(textwrap.dedent(f"""
+        [input]
+        path = "{store}"
+        [output]
+        path = "{out}"
+        [model]
+        name = "{model_dir}"
+        dtype = "float32"
+        [chunking]
+        chunk_tokens = 128
+        overlap = 16
+        [strategy]
+        max_summary_tokens = 6
+        [resources]
+        use_ray = false
+        max_inflight_docs = 2
+    """))
+    return load_job(path)
+
+
+def put_docs(prefix: str, sizes) -> None:
+    for i, n in enumerate(sizes):
+        put(f"{prefix}/doc{i}.txt", (f"Document {i}. " + "The sea was calm that night. " * n).encode())
+
+
+def job_rows(out):
+    from jobs.runner import read_dataset
+
+    cols = ["doc_id", "status", "summary", "chunks", "config_fingerprint", "content_hash"]
+    return sorted(read_dataset(out).select(cols).to_pylist(), key=lambda r: r["doc_id"])
+
+
+@pytest.fixture
+def job_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DOCPIPE_JOB_CACHE", str(cache))
+    return cache
+
+
+def test_job_directory_in_bucket_is_incremental(s3_prefix, tiny_model_dir, tmp_path, job_cache):
+    from jobs.runner import run_job
+    from jobs.state import JobState
+
+    put_docs(f"{s3_prefix}/in", [4, 8, 12])
+    spec = make_s3_job(tmp_path, tiny_model_dir, f"{s3_prefix}/in", f"{s3_prefix}/out")
+    assert spec.output_dir == f"{s3_prefix}/out"
+    first = run_job(spec)
+    assert (first.num_done, first.num_skipped) == (3, 0) and first.part.name == "part-00001.parquet"
+    objects = keys(f"{s3_prefix}/out")
+    assert "part-00001.parquet" in objects and "_ledger.jsonl" in objects
+    assert not [k for k in objects if k.startswith(".")]  # nothing in progress is left
+    assert any(k.startswith("_state/results/") for k in objects)
+    # the state is rebuilt from the objects: a fresh cache directory changes nothing
+    os.environ["DOCPIPE_JOB_CACHE"] = str(tmp_path / "other-machine")
+    again = run_job(spec)
+    assert (again.num_done, again.num_skipped, again.num_requests) == (0, 3, 0)
+    put(f"{s3_prefix}/in/doc1.txt", b"Changed. " * 40)
+    third = run_job(spec)
+    assert (third.num_done, third.num_skipped) == (1, 2)
+    rows = job_rows(spec.output_dir)
+    assert [r["doc_id"] for r in rows] == ["doc0.txt", "doc1.txt", "doc2.txt"]  # once each
+    ledger = JobState(spec.output_dir).ledger()
+    assert [(r["status"], r["num_done"]) for r in ledger] == [("ok", 3), ("ok", 0), ("ok", 1)]
+    table = pq.read_table(f"{BUCKET}/{s3_prefix.split('/', 3)[3]}/out",
+                          filesystem=location(s3_prefix).fs)  # the bucket prefix as a dataset
+    assert table.num_rows == 3
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from jobs.runner import run_job
+from jobs.spec import load_job
+import jobs.remote_state as remote
+
+limit = int(sys.argv[2])
+orig = remote.RemoteJobState.flush_results
+flushed = 0
+def flush_then_maybe_die(self):
+    global flushed
+    had = len(self._buffer)
+    orig(self)
+    flushed += had
+    if flushed >= limit:
+        os.kill(os.getpid(), signal.SIGKILL)
+remote.RemoteJobState.flush_results = flush_then_maybe_die
+remote.FLUSH_RESULTS = 4
+run_job(load_job(sys.argv[1]))
+"""
+
+
+def test_killed_job_in_bucket_resumes_from_its_objects(s3_prefix, tiny_model_dir, tmp_path, job_cache):
+    from jobs.runner import run_job
+    from jobs.state import JobState
+
+    put_docs(f"{s3_prefix}/in", [20, 35, 50])
+    (tmp_path / "ref").mkdir()
+    ref = make_s3_job(tmp_path / "ref", tiny_model_dir, f"{s3_prefix}/in", f"{s3_prefix}/ref")
+    run_job(ref)
+    expected = job_rows(ref.output_dir)
+
+    (tmp_path / "killed").mkdir()
+    spec = make_s3_job(tmp_path / "killed", tiny_model_dir, f"{s3_prefix}/in", f"{s3_prefix}/out")
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(spec.source), "6"],
+                          cwd=os.getcwd(), capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not [k for k in keys(f"{s3_prefix}/out") if k.startswith("part-")]  # nothing published
+    stored = JobState(spec.output_dir).num_results()
+    assert stored >= 6
+    resumed = run_job(spec)
+    assert resumed.num_cached_requests >= 6  # finished work was not redone
+    assert job_rows(spec.output_dir) == expected
+    assert [r["status"] for r in JobState(spec.output_dir).ledger()] == ["killed", "ok"]
+    assert not [k for k in keys(f"{s3_prefix}/out") if k.startswith(".")]

@@ -1,0 +1,137 @@
+"""Per-request timings of a run, recorded for `docpipe report` (pipeline.report).
+
+One row per model result the runner delivers (the `on_result` hook), written when the run
+ends as a hidden Parquet file beside the output:
+
+- `docpipe run ... -o dir/out.parquet`  -> `dir/_out.parquet.requests.parquet`
+- a job directory                       -> `_requests/run-<run id>.parquet` (one per run)
+
+Names start with `_`, so dataset readers of the output skip them. Columns (REQUEST_SCHEMA):
+doc_id, request_id, stage (map, ctx, refine, reduce<level>), index, pool, replica, start_s and
+finish_s (seconds since the run began, on the driver's clock: finish is when the result
+arrived, start is finish minus the replica's `latency_s`; the engine reports no first-token
+time, so none is stored), latency_s, prompt/cached/generated tokens, from_store (served from
+a job's stored results: no model work in this run). The file's schema metadata holds the
+replicas' closing stats (`replica_stats`, JSON) and the run's wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.fs import Location, open_local_or_remote, unique_token
+
+REQUEST_SCHEMA = pa.schema([
+    pa.field("doc_id", pa.string()),
+    pa.field("request_id", pa.string()),
+    pa.field("stage", pa.string()),
+    pa.field("index", pa.int32()),
+    pa.field("pool", pa.string()),
+    pa.field("replica", pa.int32()),
+    pa.field("start_s", pa.float64()),
+    pa.field("finish_s", pa.float64()),
+    pa.field("latency_s", pa.float64()),
+    pa.field("prompt_tokens", pa.int64()),
+    pa.field("cached_tokens", pa.int64()),
+    pa.field("generated_tokens", pa.int64()),
+    pa.field("from_store", pa.bool_()),
+])
+
+
+def sidecar_path(output: str | Path) -> Path | Location:
+    """Where `docpipe run -o OUTPUT` keeps its request log."""
+    where = open_local_or_remote(output)
+    return where.with_name(f"_{where.name}.requests.parquet")
+
+
+class RequestLog:
+    """Collects one row per delivered result; `hooks` wrap a run's `cached` / `on_result`."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.started_at = time.time()
+        self.rows: list[dict] = []
+        self._from_store: set[str] = set()
+
+    def hooks(self, cached: Callable | None = None,
+              on_result: Callable | None = None) -> tuple[Callable | None, Callable]:
+        def cached_hook(request_id: str):
+            hit = cached(request_id)
+            if hit is not None:
+                self._from_store.add(request_id)
+            return hit
+
+        def on_result_hook(doc, request, result) -> None:
+            self.record(doc, request, result)
+            if on_result is not None:
+                on_result(doc, request, result)
+
+        return (cached_hook if cached is not None else None), on_result_hook
+
+    def record(self, doc, request, result) -> None:
+        finish = time.perf_counter() - self.t0
+        stored = result.request_id in self._from_store
+        latency = 0.0 if stored else float(result.latency_s or 0.0)
+        self.rows.append(dict(
+            doc_id=doc.doc_id, request_id=result.request_id, stage=request.stage,
+            index=request.index, pool=None, replica=None if stored else result.replica,
+            start_s=max(0.0, finish - latency), finish_s=finish, latency_s=latency,
+            prompt_tokens=result.num_prompt_tokens, cached_tokens=result.num_cached_tokens,
+            generated_tokens=result.num_generated_tokens, from_store=stored))
+
+    def table(self, replica_stats: list[dict] | None = None, wall_s: float | None = None) -> pa.Table:
+        replica_to_pool = {r.get("replica"): r.get("pool", "default") for r in replica_stats or []}
+        for row in self.rows:
+            if row["replica"] is not None:
+                row["pool"] = replica_to_pool.get(row["replica"], "default")
+        meta = {"replica_stats": json.dumps(replica_stats or [], default=str),
+                "wall_s": json.dumps(wall_s), "started_at": json.dumps(self.started_at)}
+        return pa.Table.from_pylist(self.rows, schema=REQUEST_SCHEMA).replace_schema_metadata(meta)
+
+    def write(self, path: Path | Location | str, replica_stats: list[dict] | None = None,
+              wall_s: float | None = None) -> None:
+        """Write atomically (a temporary name, then a rename or an object move)."""
+        table = self.table(replica_stats, wall_s)
+        path = open_local_or_remote(path) if isinstance(path, str) else path
+        if isinstance(path, Location):
+            tmp = path.with_name(f".{path.name}.tmp-{unique_token()}")
+            pq.write_table(table, tmp.path, filesystem=tmp.fs)
+            tmp.move_to(path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+
+
+def read_request_logs(paths: list[Path | Location]) -> tuple[pa.Table | None, list[dict], float | None]:
+    """The request rows of one or more logs (each run's times shifted to follow the previous
+    run's end), the replicas' stats of the last, and the total wall time."""
+    tables, replica_stats, offset = [], [], 0.0
+    for path in paths:
+        if isinstance(path, Location):
+            table = pq.read_table(path.path, filesystem=path.fs)
+        else:
+            table = pq.read_table(path)
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        wall = json.loads(meta.get("wall_s", "null")) or (
+            max(table["finish_s"].to_pylist(), default=0.0))
+        replica_stats = json.loads(meta.get("replica_stats", "[]"))
+        import pyarrow.compute as pc
+
+        table = table.set_column(table.schema.get_field_index("start_s"), "start_s",
+                                 pc.add(table["start_s"], offset))
+        table = table.set_column(table.schema.get_field_index("finish_s"), "finish_s",
+                                 pc.add(table["finish_s"], offset))
+        tables.append(table.replace_schema_metadata(None))
+        offset += wall
+    if not tables:
+        return None, [], None
+    return pa.concat_tables(tables), replica_stats, offset
