@@ -451,3 +451,26 @@ def open_store(
             f"pass a directory of .txt/.md files, a .jsonl file or a .parquet file/directory"
         )
     return _dedup(docs, limit)
+
+
+def estimate_num_documents(path: str | Path, *, glob: str = "**/*",
+                           limit: int | None = None) -> int | None:
+    """The number of documents `open_store` will yield, when it is cheap to know (the files
+    of a text directory, the row counts in Parquet footers); None otherwise (JSONL would need
+    a full read) or when the store cannot be listed. For progress bars only."""
+    try:
+        where = open_local_or_remote(path)
+        if where.is_dir():
+            files = _files_by_suffix(where, glob, TEXT_SUFFIXES | PARQUET_SUFFIXES)
+            parquet = [p for p in files if p.suffix.lower() in PARQUET_SUFFIXES]
+            count = (sum(pq.ParquetFile(_parquet_source(p)).metadata.num_rows for p in parquet)
+                     if parquet else len(files))
+        elif where.suffix.lower() in TEXT_SUFFIXES:
+            count = 1
+        elif where.suffix.lower() in PARQUET_SUFFIXES:
+            count = pq.ParquetFile(_parquet_source(where)).metadata.num_rows
+        else:
+            return limit
+    except (OSError, ValueError, StoreError, pa.ArrowException):
+        return limit
+    return count if limit is None else min(count, limit)
