@@ -44,7 +44,9 @@ def _print_job_summary(summary) -> None:
 @jobs.command("run", context_settings=CONTEXT)
 @click.argument("job_file", type=click.Path(path_type=Path))
 @click.option("--quiet", is_flag=True, help="No progress line.")
-def jobs_run(job_file, quiet):
+@click.option("--report", "make_report", is_flag=True,
+              help="Also write the job's HTML report (`docpipe report`) into its output directory.")
+def jobs_run(job_file, quiet, make_report):
     """Run JOB_FILE once: skip finished documents, resume interrupted work."""
     from jobs.runner import JobLocked, run_job
     from pipeline.service import ConfigError
@@ -58,6 +60,10 @@ def jobs_run(job_file, quiet):
         raise _fail(exc) from None
     progress.close()
     _print_job_summary(summary)
+    if make_report:
+        from pipeline.report import write_report
+
+        click.echo(f"wrote the report to {write_report(str(spec.output_dir))}", err=True)
     if summary.num_failed:
         sys.exit(2)
 
@@ -94,10 +100,13 @@ def jobs_ledger(job_file):
     from jobs.state import JobState
 
     spec = _load_job(job_file)
-    if not (spec.output_dir / "_state.sqlite").exists():
+    remote = isinstance(spec.output_dir, str)  # a URI: the state is rebuilt from its objects
+    if not remote and not (spec.output_dir / "_state.sqlite").exists():
         raise click.ClickException(f"{spec.output_dir}: the job has not run yet")
     state = JobState(spec.output_dir)
     try:
+        if remote and not state.ledger():
+            raise click.ClickException(f"{spec.output_dir}: the job has not run yet")
         for r in state.ledger():
             click.echo(
                 f"run {r['run_id']}  {r['status']:<15} done {r['num_done']}  skipped {r['num_skipped']}  "

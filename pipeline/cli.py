@@ -33,30 +33,11 @@ def _fail(exc: Exception) -> click.ClickException:
     return click.ClickException(str(exc))
 
 
-class Progress:
-    """One status line on stderr: documents, chunks, tokens/s. Top level only."""
+def Progress(quiet: bool, total: int | None = None):
+    """The live progress bar (pipeline.progress), or plain lines when not a terminal."""
+    from pipeline.progress import ProgressBar
 
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-
-    def __call__(self, stats) -> None:
-        if self.quiet:
-            return
-        now = time.monotonic()
-        if not self.tty and now - self.last < 5:
-            return
-        self.last = now
-        rate = (stats.prompt_tokens + stats.generated_tokens) / stats.wall_s if stats.wall_s else 0
-        line = (f"docs {stats.num_ok + stats.num_failed}/{stats.num_docs} "
-                f"(failed {stats.num_failed}) | chunks {stats.num_chunks} | "
-                f"requests {stats.num_requests} | {rate:,.0f} tok/s | {stats.wall_s:.0f}s")
-        click.echo(("\r" + line) if self.tty else line, err=True, nl=not self.tty)
-
-    def close(self) -> None:
-        if not self.quiet and self.tty:
-            click.echo("", err=True)
+    return ProgressBar(quiet, total=total)
 
 
 def pool_hit_rates(replica_stats: list[dict]) -> list[tuple[str, float, int, int, list[dict]]]:
@@ -190,14 +171,18 @@ def config_from_options(**kw) -> RunConfig:
 @click.option("--limit", type=int, default=None, help="Process at most N documents.")
 @click.option("--quiet", is_flag=True, help="No progress line or closing table.")
 @click.option("--print", "print_summaries", is_flag=True, help="Print each document's summary at the end.")
+@click.option("--report", "make_report", is_flag=True,
+              help="Also write the run's HTML report (`docpipe report`) beside the output.")
 @run_options
-def run(input_path, output, fmt, glob, id_column, text_column, limit, quiet, print_summaries, **kw):
+def run(input_path, output, fmt, glob, id_column, text_column, limit, quiet, print_summaries,
+        make_report, **kw):
     """Summarize every document in INPUT (directory of .txt/.md, .jsonl, .parquet; a path or
     a URI such as s3://bucket/prefix) into OUTPUT."""
     from pipeline.fs import LocationError, as_local_or_uri
     from pipeline.output import read_results
+    from pipeline.request_log import RequestLog, sidecar_path
     from pipeline.service import ConfigError, route_columns, run_documents
-    from pipeline.stores import StoreError, open_store
+    from pipeline.stores import StoreError, estimate_num_documents, open_store
 
     config = config_from_options(**kw)
     output = as_local_or_uri(output)
@@ -210,20 +195,47 @@ def run(input_path, output, fmt, glob, id_column, text_column, limit, quiet, pri
                                columns=route_columns(config))
         if isinstance(output, Path):
             output.parent.mkdir(parents=True, exist_ok=True)
-        progress = Progress(quiet)
-        stats, replica_stats = run_documents(config, documents, output, fmt, on_progress=progress)
+        progress = Progress(quiet, None if quiet else estimate_num_documents(
+            input_path, glob=glob, limit=limit))
+        log = RequestLog()
+        _, on_result = log.hooks()
+        stats, replica_stats = run_documents(config, documents, output, fmt, on_progress=progress,
+                                             on_result=on_result)
         progress.close()
+        log.write(sidecar_path(output), replica_stats, stats.wall_s)
     except (StoreError, ConfigError, LocationError) as exc:
         raise _fail(exc) from None
     if not quiet:
         print_closing_table(stats, replica_stats)
         click.echo(f"wrote {stats.num_docs} rows to {output}", err=True)
+    if make_report:
+        from pipeline.report import write_report
+
+        click.echo(f"wrote the report to {write_report(output)}", err=True)
     if print_summaries:
         for row in read_results(output, fmt):
             click.echo(f"\n=== {row['doc_id']} [{row['status']}]")
             click.echo(row["summary"] if row["status"] == "ok" else f"error: {row['error']}")
     if stats.num_failed:
         sys.exit(2)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("out", metavar="OUT")
+@click.option("-o", "--output", default=None,
+              help="The HTML file (default: _<name>.report.html beside a results file, "
+                   "_report.html in a job directory).")
+def report(out, output):
+    """Write one self-contained HTML report (plots embedded) of the run whose output is OUT:
+    a results file or a job's output directory, a path or a URI."""
+    from pipeline.fs import LocationError
+    from pipeline.report import write_report
+
+    try:
+        target = write_report(out, output)
+    except (FileNotFoundError, LocationError) as exc:
+        raise _fail(exc) from None
+    click.echo(f"wrote {target}", err=True)
 
 
 @main.command(context_settings=CONTEXT)
