@@ -147,10 +147,15 @@ def plot_throughput(requests) -> str:
     num_bins = 40
     width = end / num_bins
     bins = [0.0] * num_bins
-    for r in reqs:
-        if not r["from_store"]:
-            b = min(num_bins - 1, int(r["finish_s"] / width))
-            bins[b] += r["prompt_tokens"] + r["generated_tokens"]
+    for r in reqs:  # each request's tokens spread over its time on the replica
+        if r["from_store"]:
+            continue
+        tokens = r["prompt_tokens"] + r["generated_tokens"]
+        lo, hi = r["start_s"], max(r["finish_s"], r["start_s"] + 1e-6)
+        for b in range(min(num_bins - 1, int(lo / width)), min(num_bins, int(hi / width) + 1)):
+            overlap = min(hi, (b + 1) * width) - max(lo, b * width)
+            if overlap > 0:
+                bins[b] += tokens * overlap / (hi - lo)
     ax2 = ax.twinx()
     ax2.plot([width * (i + 0.5) for i in range(num_bins)], [b / width for b in bins],
              color="#f58518")
@@ -162,17 +167,30 @@ def plot_throughput(requests) -> str:
 def plot_latency(requests) -> str:
     reqs = [] if requests is None else [r for r in requests.to_pylist() if not r["from_store"]]
     replicas = sorted({(r["pool"] or "default", r["replica"]) for r in reqs}, key=str)
-    fig, ax = _figure(9.0, max(2.0, 0.5 * len(replicas) + 1.2))
+    # requests batched together on one replica overlap: each gets the first free lane
+    lanes: dict[tuple, list[float]] = {rep: [] for rep in replicas}
+    placed = []
+    for r in sorted(reqs, key=lambda r: r["start_s"]):
+        ends = lanes[(r["pool"] or "default", r["replica"])]
+        lane = next((i for i, end in enumerate(ends) if end <= r["start_s"]), len(ends))
+        ends[lane:lane + 1] = [r["finish_s"]]
+        placed.append((r, lane))
+    height = {rep: max(1, len(ends)) for rep, ends in lanes.items()}
+    base, y = {}, 0.0
+    for rep in replicas:
+        base[rep] = y
+        y += height[rep] + 1
+    fig, ax = _figure(9.0, min(8.0, max(2.0, 0.12 * y + 1.2)))
     if not reqs:
         _empty(ax, "no model requests in the log (all served from stored results, or no log)")
         return _png(fig)
-    y_of = {rep: i for i, rep in enumerate(replicas)}
-    for r in reqs:
+    for r, lane in placed:
+        rep = (r["pool"] or "default", r["replica"])
         stage = "reduce" if r["stage"].startswith("reduce") else r["stage"]
-        ax.broken_barh([(r["start_s"], max(r["latency_s"], 1e-3))],
-                       (y_of[(r["pool"] or "default", r["replica"])] - 0.35, 0.7),
-                       facecolors=STAGE_COLORS.get(stage, "#999"), alpha=0.6, edgecolor="none")
-    ax.set_yticks(range(len(replicas)), [f"{p} / replica {i}" for p, i in replicas])
+        ax.broken_barh([(r["start_s"], max(r["latency_s"], 1e-3))], (base[rep] + lane, 0.8),
+                       facecolors=STAGE_COLORS.get(stage, "#999"), edgecolor="none")
+    ax.set_yticks([base[rep] + height[rep] / 2 for rep in replicas],
+                  [f"{p} / replica {i}" for p, i in replicas])
     ax.set_xlabel("seconds since the run began (start = arrival - replica latency)")
     handles = [_patches().Patch(color=c, label=s)
                for s, c in STAGE_COLORS.items()]
