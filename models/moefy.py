@@ -331,10 +331,28 @@ def write_tokenizer(out_dir: Path, tokenizer) -> None:
     }, indent=2) + "\n")
 
 
+def _cached_stats(model, windows: list[list[int]], cache: Path | None) -> list[LayerStats]:
+    import hashlib
+
+    key = hashlib.sha256(json.dumps([model.config.name, windows]).encode()).hexdigest()
+    if cache is not None and Path(cache).is_file():
+        saved = torch.load(cache, weights_only=True)
+        if saved["key"] == key:
+            logger.info("calibration sums from %s", cache)
+            return [LayerStats(**d) for d in saved["layers"]]
+    stats = collect_stats(model, windows)
+    if cache is not None:
+        layers = [{name: getattr(s, name) for name in LayerStats.__slots__} for s in stats]
+        torch.save({"key": key, "layers": layers}, cache)
+    return stats
+
+
 def moefy(model, tokenizer, token_ids: list[list[int]], out_dir: Path, *, num_experts: int,
           top_k: int, shared_neurons: int = 0, gate: str = "hard", num_samples: int = 1000,
-          sample_tokens: int = 128, seed: int = 0) -> dict:
-    """The whole conversion; returns what calibration.json holds."""
+          sample_tokens: int = 128, seed: int = 0, stats_cache: Path | None = None) -> dict:
+    """The whole conversion; returns what calibration.json holds. `stats_cache`: a file
+    for the calibration sums (they do not depend on E, K, S or the gate): read when it
+    exists and was made from the same windows, else written."""
     cfg: ModelConfig = model.config
     if cfg.is_moe:
         raise ValueError(f"{cfg.name}: already a mixture of experts")
@@ -347,7 +365,7 @@ def moefy(model, tokenizer, token_ids: list[list[int]], out_dir: Path, *, num_ex
         raise ValueError(f"--gate {gate!r}: use one of {', '.join(GATES)}")
     start = time.perf_counter()
     windows = calibration_windows(token_ids, num_samples, sample_tokens, seed)
-    stats = collect_stats(model, windows)
+    stats = _cached_stats(model, windows, stats_cache)
     collect_s = time.perf_counter() - start
     plans = plan_layers(stats, num_experts, shared_neurons, seed)
     calibration = {

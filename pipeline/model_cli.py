@@ -102,8 +102,11 @@ def eval_command(model, data, max_tokens, window, dtype):
               help="Calibration windows (of --sample-tokens tokens).")
 @click.option("--sample-tokens", type=int, default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--stats-cache", type=click.Path(path_type=Path), default=None,
+              help="File for the calibration sums, reused by later runs on the same windows "
+                   "(they do not depend on --experts, --top-k, --shared-neurons, --gate).")
 def moefy_command(model, output, experts, top_k, shared_neurons, gate, calibration, samples,
-                  sample_tokens, seed):
+                  sample_tokens, seed, stats_cache):
     """Turn MODEL's dense SwiGLU FFNs into a mixture of experts, calibrated on a store."""
     from models.moefy import moefy
 
@@ -132,7 +135,8 @@ def moefy_command(model, output, experts, top_k, shared_neurons, gate, calibrati
     try:
         report = moefy(loaded.model, loaded.tokenizer, token_ids, output, num_experts=experts,
                        top_k=top_k, shared_neurons=shared_neurons, gate=gate,
-                       num_samples=samples, sample_tokens=sample_tokens, seed=seed)
+                       num_samples=samples, sample_tokens=sample_tokens, seed=seed,
+                       stats_cache=stats_cache)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     residuals = [layer["fit_residual"] for layer in report["layers"]]

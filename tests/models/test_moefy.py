@@ -117,9 +117,15 @@ def test_standard_gate_loads_in_transformers_with_equal_logits(dense, store, tmp
 
 
 def test_moefy_is_deterministic_for_a_seed(dense, store, tmp_path):
+    cache = tmp_path / "stats.pt"
     a = _moefy(dense, store, tmp_path / "a", "--experts", 4, "--top-k", 2, "--seed", 5)
-    b = _moefy(dense, store, tmp_path / "b", "--experts", 4, "--top-k", 2, "--seed", 5)
-    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    b = _moefy(dense, store, tmp_path / "b", "--experts", 4, "--top-k", 2, "--seed", 5,
+               "--stats-cache", cache)
+    c = _moefy(dense, store, tmp_path / "c", "--experts", 4, "--top-k", 2, "--seed", 5,
+               "--stats-cache", cache)  # the sums read back from the cache
+    assert cache.is_file()
+    weights = {(p / "model.safetensors").read_bytes() for p in (a, b, c)}
+    assert len(weights) == 1
 
 
 def test_balanced_kmeans_sizes_equal_and_groups_alike_rows():
