@@ -29,6 +29,7 @@ from models.config import ModelConfig
 from models.dtypes import resolve_dtype
 from models.errors import ModelLoadError
 from models.layers import param_dtype
+from models.moe import EXPERT_BIAS_FILE, apply_expert_bias
 from models.registry import EMBEDDED_MODELS, resolve_model_path
 from models.transformer import TransformerLM
 
@@ -163,7 +164,7 @@ def _safetensors_files(path: Path) -> list[Path]:
         for f in files:
             if not f.is_file():
                 raise ModelLoadError(f"{index}: shard {f.name} is missing; download all shards")
-        return files
+        return _with_expert_bias(path, files)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
@@ -174,6 +175,17 @@ def _safetensors_files(path: Path) -> list[Path]:
         )
         raise ModelLoadError(f"{path}: no *.safetensors weights in this directory{hint}")
     return files
+
+
+# MoE selection biases written by `docpipe calibrate --balance` (models.moe): a file of its
+# own beside the weights, hashed with them (it changes outputs) but set by apply_expert_bias.
+def _with_expert_bias(path: Path, files: list[Path]) -> list[Path]:
+    bias = path / EXPERT_BIAS_FILE
+    return files + [bias] if bias.is_file() and bias not in files else files
+
+
+def _weight_files(files: list[Path]) -> list[Path]:
+    return [f for f in files if f.name != EXPERT_BIAS_FILE]
 
 
 def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -233,7 +245,8 @@ def load_model(
         config.name = model_id
         files = _safetensors_files(path)
         model = build_model(config, torch_dtype, device)
-        load_state_dict(model, _iter_safetensors(files), str(path))
+        load_state_dict(model, _iter_safetensors(_weight_files(files)), str(path))
+        apply_expert_bias(model, path)
         tokenizer = None
         if (path / "tokenizer.json").is_file():
             from models.tokenizer import Tokenizer
