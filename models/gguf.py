@@ -37,6 +37,9 @@ class GGUFArchitecture:
     hf_class: str  # HF `architectures` entry
     permuted_rotary: bool  # llama.cpp's converter reordered q/k rows (llama only)
     is_moe: bool = False
+    # llama.cpp's converter stores gemma's RMSNorm weights w as 1 + w (its kernels multiply by
+    # the stored weight); subtracted again here, since the model scales by (1 + w) as in HF.
+    norm_shift: float = 0.0
 
 
 # general.architecture -> how its files map onto HF. llama.cpp permutes q/k rows only for
@@ -47,6 +50,7 @@ GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {
     "qwen2moe": GGUFArchitecture("qwen2_moe", "Qwen2MoeForCausalLM", False, is_moe=True),
     "qwen3": GGUFArchitecture("qwen3", "Qwen3ForCausalLM", permuted_rotary=False),
     "qwen3moe": GGUFArchitecture("qwen3_moe", "Qwen3MoeForCausalLM", False, is_moe=True),
+    "gemma3": GGUFArchitecture("gemma3_text", "Gemma3ForCausalLM", False, norm_shift=1.0),
 }
 SUPPORTED_GGUF_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 
@@ -517,6 +521,8 @@ def _gguf_config(gguf_file: GGUFFile) -> dict:
     }
     if family.model_type.startswith("qwen"):
         config["use_sliding_window"] = False  # Qwen GGUF files carry no window
+    if family.model_type == "gemma3_text":
+        config |= _gemma3_config(gguf_file, arch, config)
     if family.is_moe:
         config |= _moe_config(gguf_file, arch, family, num_layers)
         if family.model_type == "qwen2_moe":
@@ -527,6 +533,37 @@ def _gguf_config(gguf_file: GGUFFile) -> dict:
     if scaling is not None:
         config["rope_scaling"] = scaling
     return config
+
+
+# Gemma 3 files store neither the local/global interleave nor the local RoPE base: llama.cpp and
+# transformers both take layer i as sliding iff i % 6 < 5, with base 10000 on those layers.
+GEMMA3_SLIDING_PATTERN = 6
+GEMMA3_LOCAL_ROPE_BASE = 10_000.0
+
+
+def _gemma3_config(gguf_file: GGUFFile, arch: str, config: dict) -> dict:
+    num_layers, head_dim = config["num_hidden_layers"], config["head_dim"]
+    # Scores are scaled by query_pre_attn_scalar**-0.5, which the file does not store either;
+    # llama.cpp uses head_dim, except for the 62-layer 27B model: hidden_size / heads (168).
+    scalar = head_dim
+    if num_layers == 62:
+        scalar = config["hidden_size"] // config["num_attention_heads"]
+    del config["hidden_act"]
+    return {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": float(_meta(gguf_file, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "sliding_window": int(_meta(gguf_file, f"{arch}.attention.sliding_window")),
+        "sliding_window_pattern": GEMMA3_SLIDING_PATTERN,
+        "layer_types": [
+            "sliding_attention" if i % GEMMA3_SLIDING_PATTERN < GEMMA3_SLIDING_PATTERN - 1
+            else "full_attention"
+            for i in range(num_layers)
+        ],
+        "rope_local_base_freq": GEMMA3_LOCAL_ROPE_BASE,
+        "query_pre_attn_scalar": scalar,
+        "final_logit_softcapping": _meta(gguf_file, f"{arch}.final_logit_softcapping", None),
+        "attn_logit_softcapping": _meta(gguf_file, f"{arch}.attn_logit_softcapping", None),
+    }
 
 
 def _moe_config(gguf_file: GGUFFile, arch: str, family: GGUFArchitecture, num_layers: int) -> dict:
@@ -586,6 +623,25 @@ GGUF_TO_HF: dict[str, tuple[str, str | None, bool]] = {
     "blk.{i}.ffn_down_shexp.weight": ("model.layers.{i}.mlp.shared_expert.down_proj.weight", None, False),
     "blk.{i}.ffn_gate_inp_shexp.weight": ("model.layers.{i}.mlp.shared_expert_gate.weight", None, False),
 }
+# Where an architecture's GGUF names mean other HF tensors. Gemma 3 has four norms per layer:
+# its ffn_norm is the norm before the MLP, and the outputs of attention and MLP are normed too.
+GGUF_TO_HF_OVERRIDES: dict[str, dict[str, tuple[str, str | None, bool]]] = {
+    "gemma3_text": {
+        "blk.{i}.post_attention_norm.weight": (
+            "model.layers.{i}.post_attention_layernorm.weight", None, True),
+        "blk.{i}.ffn_norm.weight": ("model.layers.{i}.pre_feedforward_layernorm.weight", None, True),
+        "blk.{i}.post_ffw_norm.weight": (
+            "model.layers.{i}.post_feedforward_layernorm.weight", None, True),
+        "blk.{i}.attn_q_norm.weight": ("model.layers.{i}.self_attn.q_norm.weight", None, True),
+        "blk.{i}.attn_k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight", None, True),
+    },
+}
+
+
+def _tensor_map(model_type: str) -> dict[str, tuple[str, str | None, bool]]:
+    return GGUF_TO_HF | GGUF_TO_HF_OVERRIDES.get(model_type, {})
+
+
 _DENSE_MLP = ("ffn_gate", "ffn_up", "ffn_down")
 _MOE_MLP = ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
@@ -602,8 +658,9 @@ def _require(gguf_file: GGUFFile, name: str) -> None:
 
 
 def _required_tensors(config: dict) -> list[str]:
-    names = [t for t, (_, _, required) in GGUF_TO_HF.items() if required and "{i}" not in t]
-    layer_names = [t for t, (_, _, required) in GGUF_TO_HF.items() if required and "{i}" in t]
+    tensor_map = _tensor_map(config["model_type"])
+    names = [t for t, (_, _, required) in tensor_map.items() if required and "{i}" not in t]
+    layer_names = [t for t, (_, _, required) in tensor_map.items() if required and "{i}" in t]
     dense_layers = set(config.get("mlp_only_layers", ())) if "num_experts" in config else None
     for i in range(config["num_hidden_layers"]):
         names += [t.format(i=i) for t in layer_names]
@@ -644,11 +701,12 @@ def _hf_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     _, family = _architecture(gguf_file)
     num_layers = config["num_hidden_layers"]
+    tensor_map = _tensor_map(family.model_type)
     count = 0
     for name in gguf_file.tensors:
         match = _LAYER_NAME.fullmatch(name)
         template = f"blk.{{i}}.{match.group(2)}" if match else name
-        if template not in GGUF_TO_HF:
+        if template not in tensor_map:
             if name not in _CONSUMED:
                 logger.warning("%s: ignoring tensor %s (no HF %s equivalent)", gguf_file.path,
                                name, family.model_type)
@@ -658,8 +716,11 @@ def _hf_tensors(
                 "%s: ignoring tensor %s (block_count is %d)", gguf_file.path, name, num_layers
             )
             continue
-        hf_template, heads_field, _ = GGUF_TO_HF[template]
+        hf_template, heads_field, _ = tensor_map[template]
         values = gguf_file.read_tensor(name)
+        if family.norm_shift and name.endswith("norm.weight"):
+            # In fp32, as transformers' GGUF loader does (the model then adds 1 back, as HF's).
+            values -= np.float32(family.norm_shift)
         if heads_field is not None and family.permuted_rotary:
             values = unpermute_rotary_rows(values, config[heads_field])
         hf_name = hf_template.format(i=match.group(1) if match else "", e="{e}")
