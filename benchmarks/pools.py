@@ -94,6 +94,13 @@ def replicas_section(args) -> None:
     ratio = two_wall / one_wall
     print(f"  wall ratio 2x1 / 1x2  : {ratio:.2f} (goal <= 0.65: {'met' if ratio <= 0.65 else 'NOT met'}); "
           f"busy >= 80% of wall on each replica: {'met' if ok_busy else 'NOT met'}")
+    if not args.skip_bound:
+        # The bound on this machine: 2 replicas x 1 thread do at best half of 1 thread's wall
+        # each, so their ratio to 1 x 2 threads is at least (2-thread speedup) / 2.
+        single_wall, _ = map_stage(config, work, 1, 1)
+        speedup = single_wall / one_wall
+        print(f"  1 replica x 1 thread  : wall {single_wall:7.1f} s; 2 threads are {speedup:.2f}x "
+              f"one, so 2 replicas x 1 thread can reach at best {speedup / 2:.2f} of 1 x 2 threads")
 
 
 def hit_rate_section(args) -> None:
@@ -162,6 +169,8 @@ def main() -> None:
     ap.add_argument("--map-chunks", type=int, default=None, help="Only the first N map requests.")
     ap.add_argument("--hit-tokens", type=int, default=12_000)
     ap.add_argument("--skip-mixed", action="store_true")
+    ap.add_argument("--skip-bound", action="store_true",
+                    help="Skip the 1 replica x 1 thread run that bounds the replica ratio.")
     ap.add_argument("--only", choices=["replicas", "hits", "mixed"], default=None)
     args = ap.parse_args()
 
