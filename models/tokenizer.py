@@ -202,21 +202,22 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
-        """The byte-level BPE tokenizer ("gpt2") a GGUF file's metadata describes."""
-        from tokenizers import AddedToken, decoders, models, processors
-        from tokenizers import Tokenizer as Backend
+        """The tokenizer a GGUF file's metadata describes: byte-level BPE ("gpt2") or
+        SentencePiece BPE ("llama": Gemma, Llama 2, Mistral)."""
+        from tokenizers import AddedToken, processors
 
         from models.gguf import read_gguf_metadata
 
         path = Path(path)
         meta = read_gguf_metadata(path)
         kind = meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
+        if kind not in ("gpt2", "llama"):
             raise ModelLoadError(
-                f"{path}: GGUF tokenizer type {kind!r} is not supported (only byte-level BPE, "
-                "'gpt2'); load the model from an HF directory with tokenizer.json instead"
+                f"{path}: GGUF tokenizer type {kind!r} is not supported (byte-level BPE 'gpt2' "
+                "and SentencePiece 'llama' are); load the model from an HF directory with "
+                "tokenizer.json instead"
             )
-        if "tokenizer.ggml.tokens" not in meta or "tokenizer.ggml.merges" not in meta:
+        if "tokenizer.ggml.tokens" not in meta or (kind == "gpt2" and "tokenizer.ggml.merges" not in meta):
             raise ModelLoadError(
                 f"{path}: the GGUF metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges; "
                 "re-convert the model with a current llama.cpp"
@@ -228,31 +229,31 @@ class Tokenizer:
                 f"{path}: tokenizer.ggml.token_type has {len(token_types)} entries for "
                 f"{len(tokens)} tokens; re-convert the model with a current llama.cpp"
             )
-        alphabet = set(byte_to_unicode().values())
+        if kind == "gpt2":
+            backend, vocab, is_whole = _byte_level_backend(meta, tokens, path)
+        else:
+            if "tokenizer.ggml.scores" not in meta and "tokenizer.ggml.merges" not in meta:
+                raise ModelLoadError(
+                    f"{path}: a SentencePiece GGUF tokenizer needs tokenizer.ggml.scores or "
+                    "tokenizer.ggml.merges; re-convert the model with a current llama.cpp"
+                )
+            backend, vocab = _sentencepiece_backend(meta, tokens, meta.get("general.architecture"))
+            is_whole = None
 
-        def spelled(token: str) -> str:  # a token outside the byte alphabet is raw UTF-8 text
-            if set(token) <= alphabet:
-                return token
-            return "".join(byte_to_unicode()[b] for b in token.encode("utf-8"))
-
-        vocab = {spelled(token): token_id for token_id, token in enumerate(tokens)}
-        merges = [tuple(merge.split(" ", 1)) for merge in meta["tokenizer.ggml.merges"]]
-        backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-        backend.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre"), path)
-        backend.decoder = decoders.ByteLevel()
-
-        # Control tokens (<|im_start|>) must stay whole, so they become special added tokens;
-        # one spelled outside the byte alphabet is a converter mislabel and is skipped, as
-        # transformers does. User-defined ones (<think>) are added but not special.
+        # Control tokens (<|im_start|>, <end_of_turn>) must stay whole, so they become special
+        # added tokens; in a byte-level vocabulary one spelled outside the byte alphabet is a
+        # converter mislabel and is skipped, as transformers does. User-defined ones (<think>,
+        # Gemma's runs of tabs) are added but not special, if the vocabulary spells them so.
         backend.add_special_tokens([
             AddedToken(token, special=True, normalized=False)
             for token, token_type in zip(tokens, token_types, strict=True)
-            if token_type == GGUF_CONTROL and set(token) <= alphabet
+            if token_type == GGUF_CONTROL and (is_whole is None or is_whole(token))
         ])
+        known = backend.get_vocab(with_added_tokens=True)
         backend.add_tokens([
             AddedToken(token, special=False, normalized=False)
             for token, token_type in zip(tokens, token_types, strict=True)
-            if token_type == GGUF_USER_DEFINED and token in vocab
+            if token_type == GGUF_USER_DEFINED and token in known
         ])
 
         def token_at(key: str) -> str | None:
@@ -260,7 +261,8 @@ class Tokenizer:
             return tokens[token_id] if isinstance(token_id, int) and 0 <= token_id < len(tokens) else None
 
         bos, eos = token_at("tokenizer.ggml.bos_token_id"), token_at("tokenizer.ggml.eos_token_id")
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+        # A SentencePiece file without the flag gets BOS, as llama.cpp and transformers do.
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")) and bos is not None
         add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
         single = [bos] * add_bos + ["$A"] + [eos] * add_eos
         backend.post_processor = processors.TemplateProcessing(
@@ -310,6 +312,86 @@ class Tokenizer:
     ) -> list[int] | str:
         text = self.render_chat(messages, add_generation_prompt)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _byte_level_backend(meta: dict, tokens: list[str], path: Path):
+    """`(backend, vocab, is_whole)` of a "gpt2" file: tokens spelled in GPT-2's byte alphabet."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models
+
+    alphabet = set(byte_to_unicode().values())
+
+    def spelled(token: str) -> str:  # a token outside the byte alphabet is raw UTF-8 text
+        if set(token) <= alphabet:
+            return token
+        return "".join(byte_to_unicode()[b] for b in token.encode("utf-8"))
+
+    vocab = {spelled(token): token_id for token_id, token in enumerate(tokens)}
+    merges = [tuple(merge.split(" ", 1)) for merge in meta["tokenizer.ggml.merges"]]
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre"), path)
+    backend.decoder = decoders.ByteLevel()
+    return backend, vocab, lambda token: set(token) <= alphabet
+
+
+SPACE_MARKER = "\u2581"  # SentencePiece's "▁": a space inside a token
+GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+
+
+def _sentencepiece_backend(meta: dict, tokens: list[str], architecture: str | None):
+    """`(backend, vocab)` of a "llama" file, built as transformers' GGUF loader builds it.
+
+    SentencePiece BPE as `tokenizers` runs it: BPE over "▁"-marked text with byte fallback
+    (<0xNN> tokens for bytes no piece covers). The files store pieces and scores but (mostly)
+    no merges, so the merges are recovered from the vocabulary: every split of a piece into two
+    pieces, ranked by the merged piece's score (Llama 2, Mistral), or for Gemma by its position
+    in the file (Gemma's scores do not follow its merge order). Gemma files also spell pieces of
+    two or more spaces with real spaces, which are respelled "▁▁..." first. Gemma puts no space
+    before the text (its normalizer only turns spaces into "▁"); Llama 2 style files prepend
+    "▁" to the first word (Metaspace, prepend_scheme "first").
+    """
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+    is_gemma = architecture in GEMMA_ARCHITECTURES
+    if is_gemma:
+        tokens = [SPACE_MARKER * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {token: token_id for token_id, token in enumerate(tokens)}
+    if "tokenizer.ggml.merges" in meta:
+        merges = [tuple(merge.split(" ")) for merge in meta["tokenizer.ggml.merges"]]
+    elif is_gemma:
+        merges = _merges_from_vocab(vocab, {token: -i for i, token in enumerate(tokens)})
+    else:
+        merges = _merges_from_vocab(vocab, dict(zip(tokens, meta["tokenizer.ggml.scores"])))
+    unk = tokens[meta["tokenizer.ggml.unknown_token_id"]] if isinstance(
+        meta.get("tokenizer.ggml.unknown_token_id"), int) else None
+    decode_steps = [decoders.Replace(SPACE_MARKER, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if is_gemma:
+        backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token=unk,
+                                     byte_fallback=True))
+        backend.normalizer = normalizers.Replace(" ", SPACE_MARKER)
+        backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    else:
+        backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement=SPACE_MARKER, prepend_scheme="first", split=False)
+        decode_steps.append(decoders.Strip(content=" ", left=1))
+    backend.decoder = decoders.Sequence(decode_steps)
+    return backend, vocab
+
+
+def _merges_from_vocab(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a vocabulary: each piece's splits into two pieces, best score first
+    (ties: the longer left part, then the longer right part; then by the parts' ids), as
+    transformers derives them."""
+    ranked = []
+    for piece, score in scores.items():
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                  if piece[:k] in vocab and piece[k:] in vocab]
+        splits.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        ranked.extend((left, right, score) for left, right in splits)
+    ranked.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in ranked]
 
 
 def _gguf_pre_tokenizer(pre_type: str | None, path: Path):
