@@ -132,7 +132,7 @@ def run_job(spec: JobSpec, *, engine=None, pool=None,
             retries = max((r.get("num_retried_requests", 0) for r in replicas), default=0)
             published = None
             if stats.num_docs:  # the request log first: the ledger entry commits the run
-                log.write(_child(state.dir, f"_requests/run-{run_id:05d}.parquet"), replicas,
+                log.write(_child(state.dir, f"_requests/run-{run_id:05d}.arrow"), replicas,
                           stats.wall_s)
                 state.publish(run_id, tmp, part, fingerprint)
                 published = part

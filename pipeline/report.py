@@ -54,7 +54,7 @@ def load_run(out: str | Path):
         else:
             names = {p.relative_to(where).as_posix(): p for p in where.rglob("*") if p.is_file()}
         parts = [names[n] for n in sorted(names) if re.fullmatch(r"part-\d+\.parquet", n)]
-        logs = [names[n] for n in sorted(names) if re.fullmatch(r"_requests/run-\d+\.parquet", n)]
+        logs = [names[n] for n in sorted(names) if re.fullmatch(r"_requests/run-\d+\.arrow", n)]
         tables = [pq.read_table(p.path, filesystem=p.fs) if isinstance(p, Location)
                   else pq.read_table(p) for p in parts]
         rows = pa.concat_tables(tables, promote_options="default").to_pylist() if tables else []

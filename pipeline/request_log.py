@@ -1,12 +1,14 @@
 """Per-request timings of a run, recorded for `docpipe report` (pipeline.report).
 
 One row per model result the runner delivers (the `on_result` hook), written when the run
-ends as a hidden Parquet file beside the output:
+ends as a hidden Arrow IPC file beside the output:
 
-- `docpipe run ... -o dir/out.parquet`  -> `dir/_out.parquet.requests.parquet`
-- a job directory                       -> `_requests/run-<run id>.parquet` (one per run)
+- `docpipe run ... -o dir/out.parquet`  -> `dir/_out.parquet.requests.arrow`
+- a job directory                       -> `_requests/run-<run id>.arrow` (one per run)
 
-Names start with `_`, so dataset readers of the output skip them. Columns (REQUEST_SCHEMA):
+Names start with `_` and do not end in `.parquet`, so dataset readers of the output skip them
+(DuckDB's `read_parquet('dir')` reads every `.parquet` below a directory, `_` or not).
+Columns (REQUEST_SCHEMA):
 doc_id, request_id, stage (map, ctx, refine, reduce<level>), index, pool, replica, start_s and
 finish_s (seconds since the run began, on the driver's clock: finish is when the result
 arrived, start is finish minus the replica's `latency_s`; the engine reports no first-token
@@ -24,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.fs import Location, open_local_or_remote, unique_token
 
@@ -48,7 +49,7 @@ REQUEST_SCHEMA = pa.schema([
 def sidecar_path(output: str | Path) -> Path | Location:
     """Where `docpipe run -o OUTPUT` keeps its request log."""
     where = open_local_or_remote(output)
-    return where.with_name(f"_{where.name}.requests.parquet")
+    return where.with_name(f"_{where.name}.requests.arrow")
 
 
 class RequestLog:
@@ -102,13 +103,20 @@ class RequestLog:
         path = open_local_or_remote(path) if isinstance(path, str) else path
         if isinstance(path, Location):
             tmp = path.with_name(f".{path.name}.tmp-{unique_token()}")
-            pq.write_table(table, tmp.path, filesystem=tmp.fs)
+            with tmp.open_write() as sink:
+                _write_ipc(table, sink)
             tmp.move_to(path)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            pq.write_table(table, tmp)
+            with pa.OSFile(str(tmp), "wb") as sink:
+                _write_ipc(table, sink)
             os.replace(tmp, path)
+
+
+def _write_ipc(table: pa.Table, sink) -> None:
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
 
 
 def read_request_logs(paths: list[Path | Location]) -> tuple[pa.Table | None, list[dict], float | None]:
@@ -116,10 +124,9 @@ def read_request_logs(paths: list[Path | Location]) -> tuple[pa.Table | None, li
     run's end), the replicas' stats of the last, and the total wall time."""
     tables, replica_stats, offset = [], [], 0.0
     for path in paths:
-        if isinstance(path, Location):
-            table = pq.read_table(path.path, filesystem=path.fs)
-        else:
-            table = pq.read_table(path)
+        source = path.open_random() if isinstance(path, Location) else pa.memory_map(str(path))
+        with source:
+            table = pa.ipc.open_file(source).read_all()
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         wall = json.loads(meta.get("wall_s", "null")) or (
             max(table["finish_s"].to_pylist(), default=0.0))

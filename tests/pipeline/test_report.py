@@ -32,7 +32,7 @@ def test_report_of_a_run_over_examples(tiny_moe_dir, tmp_path):
         "--dtype", "float32", "--chunk-tokens", "1024", "--overlap", "64",
         "--max-summary-tokens", "4", "--report"], catch_exceptions=False)
     assert result.exit_code == 2, result.output  # the broken document is an error row
-    log = tmp_path / "_out.parquet.requests.parquet"
+    log = tmp_path / "_out.parquet.requests.arrow"
     report = tmp_path / "_out.parquet.report.html"
     assert log.exists() and report.exists()
     page = report.read_text()

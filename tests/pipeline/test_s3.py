@@ -235,7 +235,14 @@ def test_job_directory_in_bucket_is_incremental(s3_prefix, tiny_model_dir, tmp_p
     assert [(r["status"], r["num_done"]) for r in ledger] == [("ok", 3), ("ok", 0), ("ok", 1)]
     table = pq.read_table(f"{BUCKET}/{s3_prefix.split('/', 3)[3]}/out",
                           filesystem=location(s3_prefix).fs)  # the bucket prefix as a dataset
-    assert table.num_rows == 3
+    assert table.num_rows == 3  # _requests/, _state/ and _ledger.jsonl are not rows
+    from pipeline.report import write_report
+
+    report = write_report(spec.output_dir)
+    assert report.uri == f"{s3_prefix}/out/_report.html"
+    page = report.read_bytes().decode()
+    assert page.count('class="tree"') == 3 and page.count("data:image/png;base64,") >= 6
+    assert {"_requests/run-00001.arrow", "_requests/run-00003.arrow"} <= set(keys(f"{s3_prefix}/out"))
 
 
 KILL_SCRIPT = """
