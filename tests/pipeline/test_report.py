@@ -82,3 +82,33 @@ def test_report_of_a_missing_output_is_an_error(tmp_path):
     result = CliRunner().invoke(main, ["report", str(tmp_path / "nope.parquet")])
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: {tmp_path / 'nope.parquet'}: no such results file")
+
+
+def test_jobs_run_report(tiny_model_dir, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "a.txt").write_text("The sea was calm that night. " * 30)
+    job = tmp_path / "job.toml"
+    job.write_text(f"""
+[input]
+path = "{store}"
+[output]
+path = "{tmp_path / 'out'}"
+[model]
+name = "{tiny_model_dir}"
+dtype = "float32"
+[chunking]
+chunk_tokens = 128
+overlap = 16
+[strategy]
+max_summary_tokens = 6
+[resources]
+use_ray = false
+""")
+    result = CliRunner().invoke(main, ["jobs", "run", str(job), "--quiet", "--report"])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "out" / "_report.html").read_text()
+    assert all(f'<section id="{sid}">' in page for sid in SECTIONS[:-1])
+    assert (tmp_path / "out" / "_requests" / "run-00001.arrow").exists()
+    covered = section(page, "merge-trees")
+    assert "<td>a.txt</td>" in covered and "all chunks" in covered
