@@ -41,6 +41,8 @@ bench: $(STAMP)
 # llama-cpp-python from source for this CPU: about 8 minutes on 2 cores.
 bench-deps: $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install llama-cpp-python==0.3.36
+	$(BIN)/pip install -q rouge-score==0.1.2            # benchmarks/quality.py
+	$(BIN)/pip install -q --no-deps aclsum==0.1.2       # its papers (files read, never imported)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
