@@ -17,6 +17,7 @@ from torch import nn
 
 from models import native
 from models.config import ModelConfig
+from models.quant import PackedWeight
 
 _param_dtype = torch.float32
 
@@ -81,7 +82,10 @@ INVARIANT_ROW_GROUP = 4
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            fixed_k: bool = False) -> torch.Tensor:
     """`F.linear(x, weight, bias)`; with fixed_k, rows that do not depend on x's row count
-    (batch-invariant runs, see above)."""
+    (batch-invariant runs, see above). `weight` may be a `quant.PackedWeight` (GGUF blocks)."""
+    if isinstance(weight, PackedWeight):
+        y = weight.matmul(x, fixed_k)
+        return y if bias is None else y + bias
     k = weight.shape[1]
     if fixed_k and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and (
             x.shape[0] % INVARIANT_ROW_GROUP):

@@ -221,10 +221,13 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.dev
 
 
 def load_model(
-    name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu"
+    name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
+    quantization: str = "auto",
 ) -> LoadedModel:
     """Load a checkpoint and its tokenizer: an embedded name, a `.gguf` file or an HF directory.
-    `dtype`: a name or "auto" (see models.dtypes), resolved for `device`."""
+    `dtype`: a name or "auto" (see models.dtypes), resolved for `device`. `quantization`:
+    "gguf" keeps a GGUF file's quantized linear weights packed (models.quant), "none"
+    dequantizes them at load, "auto" chooses (models.quant.resolve_quantization)."""
     torch_dtype = resolve_dtype(dtype, device)
     path = resolve_model_path(name_or_path)
     model_id = str(name_or_path) if str(name_or_path) in EMBEDDED_MODELS else str(path)
@@ -235,12 +238,18 @@ def load_model(
         config = ModelConfig.from_hf_dict(hf_config, source=str(path))
         config.name = model_id
         model = build_model(config, torch_dtype, device)
+        from models.quant import pack_gguf_weights, resolve_quantization
+
+        if resolve_quantization(quantization, path, device) == "gguf":
+            tensors = pack_gguf_weights(model, path, hf_config, torch_dtype)  # and the rest
         load_state_dict(model, tensors, str(path))  # one dequantized tensor at a time
         from models.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_gguf(path)
         files = [path]
     elif path.is_dir():
+        if quantization == "gguf":
+            raise ValueError(f"quantization='gguf' needs a .gguf file, not {path}; use 'none'")
         config = ModelConfig.from_json_file(path / "config.json")
         config.name = model_id
         files = _safetensors_files(path)

@@ -75,6 +75,14 @@ SOURCES = {
         "docpipe_silu_mul": ([_int, _ptr, _i64, _ptr, _i64, _i64], None),
         "docpipe_rotary": ([_int, _ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr], None),
     }),
+    # models/quant.py: matmul over packed GGUF blocks, and their dequantization to tiles
+    "qmatmul.cpp": ("packed GGUF matmul", {
+        "docpipe_qmatmul": ([_int, _int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64], _int),
+        "docpipe_dequantize_rows": ([_int, _int, _ptr, _i64, _i64, _ptr], _int),
+        "docpipe_qmatmul_supported": ([_int, _i64], _int),
+        "docpipe_qmatmul_max_rows": ([], _int),
+        "docpipe_qmatmul_path": ([], _int),
+    }),
 }
 # Prefill libraries in order of preference: the first that supports a shape computes it.
 PREFILL_SOURCES = ["prefill_attention.cpp", "prefill_attention_f32.cpp"]
