@@ -233,10 +233,69 @@ def test_bad_tokenizer_config(tmp_path):
         Tokenizer.from_dir(tmp_path)
 
 
-def test_gguf_with_sentencepiece_tokenizer(tmp_path):
-    path = tmp_path / "spm.gguf"
+# A Llama 2 style SentencePiece vocabulary: control tokens, 256 byte-fallback pieces, then
+# pieces ranked by score (the file has no merges: they are recovered from the pieces).
+SPM_PIECES = ["\u2581", "e", "t", "h", "a", "c", "s", "i", "n", "o", "m", "\u2581t", "he", "\u2581the",
+              "at", "\u2581c", "\u2581cat", "is", "\u2581is", "on", "\u2581on", "\u2581m", "\u2581mat",
+              "\u2581a", "in", "\u2581in", "\u2581\u2581", "\u2581\u2581\u2581", "\u00e9", "caf"]
+SPM_TEXTS = ["the cat is on the mat", " the cat", "  two spaces", "thé café\n\nnewlines\tand tabs",
+             "日本 🤖 unknown pieces fall back to bytes", "<|im_end|> special and <think> user", "", " "]
+
+
+def write_spm_gguf(path, add_bos: bool | None = True, template: str | None = None):
     writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("context_length", 64), ("embedding_length", 4), ("block_count", 1),
+                       ("feed_forward_length", 8), ("attention.head_count", 1)):
+        (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(f"llama.{key}", value)
     writer.add_string("tokenizer.ggml.model", "llama")
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *SPM_PIECES,
+              "<|im_end|>", "<think>"]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES) + [3, 4]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))] + [0.0, 0.0]
+    writer.add_array("tokenizer.ggml.tokens", tokens)
+    writer.add_array("tokenizer.ggml.scores", scores)
+    writer.add_array("tokenizer.ggml.token_type", types)
+    writer.add_uint32("tokenizer.ggml.unknown_token_id", 0)
+    writer.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    writer.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    if add_bos is not None:
+        writer.add_bool("tokenizer.ggml.add_bos_token", add_bos)
+    if template is not None:
+        writer.add_string("tokenizer.chat_template", template)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("add_bos", [True, False, None])
+def test_gguf_sentencepiece_ids_match_transformers(tmp_path, add_bos):
+    from transformers import AutoTokenizer
+
+    template = "{% for m in messages %}{{ bos_token }}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    path = write_spm_gguf(tmp_path / "spm.gguf", add_bos, template)
+    ours = Tokenizer.from_gguf(path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in SPM_TEXTS:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False), text
+        ids = ours.encode(text, add_special_tokens=True)
+        assert ids == hf.encode(text), text
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
+    assert ours.encode("the cat")[:1] == [259 + SPM_PIECES.index("\u2581the")]  # "▁" prepended
+    assert ours.encode("日") == [259, 3 + 0xE6, 3 + 0x97, 3 + 0xA5]  # "▁", then byte fallback
+    messages = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "is on"}]
+    text = hf.apply_chat_template(messages, tokenize=False)
+    assert ours.apply_chat_template(messages, tokenize=False) == text
+    assert ours.apply_chat_template(messages) == hf(text, add_special_tokens=False)["input_ids"]
+    assert ours.stop_token_ids == {2, 259 + len(SPM_PIECES)}  # </s> and <|im_end|>
+
+
+def test_gguf_unknown_tokenizer_type(tmp_path):
+    path = tmp_path / "t5.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("tokenizer.ggml.model", "t5")
     writer.add_array("tokenizer.ggml.tokens", ["<unk>", "<s>", "</s>"])
     writer.add_tensor("token_embd.weight", np.zeros((3, 4), np.float32))
     writer.write_header_to_file()
@@ -245,4 +304,4 @@ def test_gguf_with_sentencepiece_tokenizer(tmp_path):
     writer.close()
     with pytest.raises(ModelLoadError) as info:
         Tokenizer.from_gguf(path)
-    assert "spm.gguf" in str(info.value) and "'llama'" in str(info.value)
+    assert "t5.gguf" in str(info.value) and "'t5'" in str(info.value)
