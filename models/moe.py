@@ -6,7 +6,7 @@ Dispatch groups tokens by expert instead of looping over tokens:
     -> top-k on score + selection bias (weights [N, K] from the unbiased score, expert ids [N, K])
     flatten the N*K (token, expert) pairs, stable-sort them by expert id
     for each expert with work: one SwiGLU matmul chain over its contiguous slice
-    scale by the routing weight, scatter-add back to the token rows
+    scale by the routing weight, unsort, sum each token's K rows
 
 The gate (`route`) covers three weightings: the softmax top-k of mixtral / qwen2_moe (weights
 optionally renormalised over the K chosen), DeepSeek-V3's (sigmoid scores, group-limited
@@ -150,7 +150,7 @@ class SparseMoeBlock(nn.Module):
 
         order = torch.argsort(flat_ids, stable=True)
         token_rows = order // self.top_k
-        x_sorted = x[token_rows]
+        x_sorted = x.index_select(0, token_rows)
         out_sorted = torch.empty_like(x_sorted)
         start = 0
         for e, n in enumerate(counts.tolist()):  # one host sync per layer, not per token
@@ -162,7 +162,11 @@ class SparseMoeBlock(nn.Module):
             start += n
         if not self.hard:  # hard gate: every weight is 1
             out_sorted = out_sorted * weights.reshape(-1)[order].unsqueeze(1).to(x.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_rows, out_sorted)
+        # Back to (token, choice) order, then each token's K rows summed in choice order: a
+        # fixed order per token (batch-invariant), and several times faster on CPU than a
+        # scatter-add into the token rows.
+        out = out_sorted.new_empty(out_sorted.shape).index_copy_(0, order, out_sorted)
+        out = out.view(N, self.top_k, H).sum(dim=1)
         if self.shared_expert is not None:
             shared = self.shared_expert(x, fixed_k)
             if self.shared_expert_gate is not None:
