@@ -42,12 +42,12 @@ def store_token_ids(tokenizer, path: str, option: str = "--data") -> list[int]:
     return tokenizer.encode("\n\n".join(store_texts(path)))
 
 
-def _load(model: str, dtype: str):
+def _load(model: str, dtype: str, quantization: str = "auto"):
     from models import ModelLoadError, load_model
 
     try:
-        return load_model(model, dtype=dtype)
-    except ModelLoadError as exc:
+        return load_model(model, dtype=dtype, quantization=quantization)
+    except (ModelLoadError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -64,7 +64,9 @@ def _positive(value: int | None, option: str, minimum: int = 1) -> None:
               help="Tokens per non-overlapping window (each scored without the one before).")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
               help="auto: bf16 where the device computes it natively, else float32.")
-def eval_command(model, data, max_tokens, window, dtype):
+@click.option("--quantization", type=click.Choice(["auto", "gguf", "none"]), default="auto",
+              show_default=True, help="GGUF weights: kept packed (gguf) or dequantized (none).")
+def eval_command(model, data, max_tokens, window, dtype, quantization):
     """Perplexity of MODEL (embedded name, .gguf, HF directory) on the text of a store.
 
     The last line is exactly `perplexity: P over N tokens`."""
@@ -72,7 +74,7 @@ def eval_command(model, data, max_tokens, window, dtype):
 
     _positive(max_tokens, "--max-tokens", 2)
     _positive(window, "--window", 2)
-    loaded = _load(model, dtype)
+    loaded = _load(model, dtype, quantization)
     ids = store_token_ids(loaded.tokenizer, data)
     start = time.perf_counter()
     result = perplexity(loaded.model, ids, window=window, max_tokens=max_tokens)
@@ -120,7 +122,7 @@ def moefy_command(model, output, experts, top_k, shared_neurons, gate, calibrati
         raise click.ClickException(f"--shared-neurons {shared_neurons}: must be at least 0")
     if output.exists() and any(output.iterdir()):
         raise click.ClickException(f"-o {output}: the directory is not empty; pick a new one")
-    loaded = _load(model, "float32")
+    loaded = _load(model, "float32", "none")  # moefy slices the weights: dequantized
     if loaded.tokenizer is None:
         raise click.ClickException(f"{model}: the model has no tokenizer to read the calibration text")
     inter = loaded.config.intermediate_size
