@@ -500,8 +500,12 @@ class HybridBlockManager:
         return True
 
     def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the blocks that became full, then release the sliding groups' blocks
+        behind the next query's window at once: a sequence that sits out the next step
+        (budget) holds only its window, which is what the sliding pool is sized for."""
         for g in self.groups:
             g.cache_full_blocks(seq)
+            g.release_out_of_window(seq)
 
     def free(self, seq: Sequence) -> None:
         for g in self.groups:
