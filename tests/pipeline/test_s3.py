@@ -292,3 +292,35 @@ def test_killed_job_in_bucket_resumes_from_its_objects(s3_prefix, tiny_model_dir
     assert job_rows(spec.output_dir) == expected
     assert [r["status"] for r in JobState(spec.output_dir).ledger()] == ["killed", "ok"]
     assert not [k for k in keys(f"{s3_prefix}/out") if k.startswith(".")]
+
+
+def test_publish_killed_half_way_is_finished_by_the_next_run(s3_prefix, tiny_model_dir, tmp_path,
+                                                              job_cache, monkeypatch):
+    import jobs.remote_state as remote
+    from jobs.runner import run_job
+    from jobs.state import JobState
+
+    put_docs(f"{s3_prefix}/in", [4, 8, 12])
+    spec = make_s3_job(tmp_path, tiny_model_dir, f"{s3_prefix}/in", f"{s3_prefix}/out")
+    run_job(spec)
+    put(f"{s3_prefix}/in/doc1.txt", b"Changed. " * 40)
+
+    def die(self, tmp, part):  # the old part is rewritten; the new one never moved in
+        raise KeyboardInterrupt("killed mid-publish")
+
+    monkeypatch.setattr(remote.RemoteJobState, "_move", die)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(spec)
+    monkeypatch.undo()
+    objects = keys(f"{s3_prefix}/out")
+    assert "_state/publish-00002.json" in objects and ".part-00002.parquet.inprogress" in objects
+    # a reader now sees doc1 nowhere (its old row dropped, its new one not in yet), never twice
+    assert [r["doc_id"] for r in job_rows(spec.output_dir)] == ["doc0.txt", "doc2.txt"]
+    third = run_job(spec)  # recover() finishes the publish first: nothing left to do
+    assert (third.num_done, third.num_skipped) == (0, 3)
+    rows = job_rows(spec.output_dir)
+    assert [r["doc_id"] for r in rows] == ["doc0.txt", "doc1.txt", "doc2.txt"]
+    objects = keys(f"{s3_prefix}/out")
+    assert "part-00002.parquet" in objects and not [k for k in objects if k.startswith(".")]
+    assert not [k for k in objects if k.startswith("_state/publish-")]
+    assert [r["status"] for r in JobState(spec.output_dir).ledger()] == ["ok", "killed", "ok"]
