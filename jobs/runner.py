@@ -4,6 +4,7 @@
       part-00001.parquet ...   the dataset: one row per document, across parts
       _ledger.jsonl            one line per run (also in the state DB)
       _state.sqlite            stored request results, document index, ledger
+      _requests/run-<id>.arrow each run's per-request timings (pipeline.request_log)
       .lock                    held while a run is in progress
       .part-00002.parquet.inprogress[.tmp-<pid>]   the running run's rows
 
@@ -11,7 +12,8 @@ Names starting with `_` or `.` are skipped by dataset readers (pyarrow, Spark), 
 parts end in `.parquet` (DuckDB's `read_parquet('output_dir/*.parquet')`), so the directory
 reads as exactly one row per document. Temporary files a killed run left (`*.tmp-<pid>`
 whose process is gone, in-progress parts no publish will finish) are removed at the next
-start.
+start. An `s3://` (or other URI) output directory holds the same files but `_state.sqlite`
+and `.lock`: its state is objects beside the parts (jobs.remote_state).
 
 A run skips documents whose (id, content hash, config fingerprint) already has an `ok` row,
 redoes changed documents and earlier error rows, serves every request already answered in an
