@@ -9,6 +9,7 @@ starts; a run in which some documents failed writes their error rows and exits 2
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -94,7 +95,34 @@ _CLICK_TYPES = {int: int, float: float, str: str}
 _FLAG_NAMES = {"use_ray": "--ray/--no-ray"}
 
 
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB|TB|TiB)?\s*", re.I)
+_UNITS = {"b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20, "gb": 10**9,
+          "gib": 2**30, "tb": 10**12, "tib": 2**40}
+
+
+class ByteSize(click.ParamType):
+    """A memory size: 2GiB, 512MiB, 1.5GB or plain bytes."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        m = _SIZE.fullmatch(str(value))
+        if m is None:
+            self.fail(f"{value!r} is not a size; write e.g. 2GiB, 512MiB or 1000000000", param, ctx)
+        return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+
+
+# settings whose option is spelled otherwise: name -> (option, click type)
+_OPTION_NAMES = {"kv_cache_memory_bytes": ("--kv-cache-memory", ByteSize())}
+
+
 def _option(s: Setting):
+    if s.name in _OPTION_NAMES:
+        option, kind = _OPTION_NAMES[s.name]
+        return click.option(option, s.name, type=kind, default=s.default,
+                            help=s.help + " Units: B, KiB, MiB, GiB (or KB, MB, GB).")
     if s.type is bool:
         dashed = s.name.replace("_", "-")
         decl = _FLAG_NAMES.get(s.name, f"--{dashed}/--no-{dashed}")
@@ -155,6 +183,7 @@ def config_from_options(**kw) -> RunConfig:
     except SettingError as exc:
         s = BY_NAME[exc.name]
         flag = _FLAG_NAMES.get(s.name, s.option) if s.type is bool else s.option
+        flag = _OPTION_NAMES.get(s.name, (flag,))[0]
         raise click.ClickException(f"{flag} {exc.value}: {exc.problem}") from None
     except ValueError as exc:
         raise _fail(exc) from None

@@ -28,7 +28,8 @@ def test_every_setting_is_a_field_an_option_and_a_job_key(tmp_path):
     help_text = CliRunner().invoke(main, ["run", "-h"]).output
     for s in SETTINGS:
         assert fields[s.name] == s.default, s.name
-        option = "--ray/--no-ray" if s.name == "use_ray" else s.option
+        option = {"use_ray": "--ray/--no-ray", "kv_cache_memory_bytes": "--kv-cache-memory"}.get(
+            s.name, s.option)
         assert option.split("/")[0] in help_text, s.name
         # the job file key sets the field
         raw = {"input": {"path": "d"}, "output": {"path": "o"}, s.section: {s.job_key: _changed(s)}}
@@ -85,3 +86,17 @@ def test_job_file_names_the_key_of_a_bad_value(tmp_path):
     with pytest.raises(JobSpecError, match=r"engine\.max_num_seqs = 0: must be at least 1$"):
         parse_job({"input": {"path": "d"}, "output": {"path": "o"},
                    "engine": {"max_num_seqs": 0}}, tmp_path / "j.toml")
+
+
+@pytest.mark.parametrize("text, want", [("2GiB", 2 * 2**30), ("512 MiB", 512 * 2**20),
+                                        ("1.5GB", 1_500_000_000), ("4096", 4096)])
+def test_kv_cache_memory_takes_units(text, want):
+    from pipeline.cli import ByteSize
+
+    assert ByteSize().convert(text, None, None) == want
+
+
+def test_bad_kv_cache_memory_is_one_error(tmp_path):
+    result = CliRunner().invoke(main, ["run", str(tmp_path), "-o", str(tmp_path / "o.parquet"),
+                                       "--kv-cache-memory", "lots"])
+    assert result.exit_code == 2 and "is not a size; write e.g. 2GiB" in result.output
