@@ -273,9 +273,15 @@ class Tokenizer:
             meta[key] for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
             if isinstance(meta.get(key), int)
         ]
+        template = meta.get("tokenizer.chat_template")
+        if template is None and meta.get("general.architecture") in GEMMA_ARCHITECTURES:
+            # Gemma base-model files often carry none (transformers then has none either), while
+            # Google's releases, base models included, ship this turn format.
+            logger.info("%s: no tokenizer.chat_template; using Gemma's turn format", path)
+            template = GEMMA_CHAT_TEMPLATE
         return cls(
             backend,
-            meta.get("tokenizer.chat_template"),
+            template,
             bos_token=bos,
             eos_token=eos,
             unk_token=token_at("tokenizer.ggml.unknown_token_id"),
@@ -336,6 +342,33 @@ def _byte_level_backend(meta: dict, tokens: list[str], path: Path):
 
 SPACE_MARKER = "\u2581"  # SentencePiece's "▁": a space inside a token
 GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+# The text part of the chat template of Google's Gemma 3 releases (a system message is
+# prefixed to the first user turn; the model's turns are "model").
+GEMMA_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {{- message['content'] | trim -}}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\n' }}
+{%- endif -%}
+"""
 
 
 def _sentencepiece_backend(meta: dict, tokens: list[str], architecture: str | None):

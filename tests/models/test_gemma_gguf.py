@@ -7,8 +7,8 @@ the ones marked slow load transformers on the same file (it dequantizes the mode
   stores every gemma RMSNorm weight w (attention, feed-forward, q/k and the final norm) as
   1 + w; both loaders subtract the 1 in fp32 and the model multiplies by (1 + w) again.
 - tokenizer: SentencePiece BPE rebuilt from the file's pieces; ids equal transformers' on
-  text and on chat messages (the file has no chat template: a Gemma-style template is set
-  on both sides).
+  text and on chat messages (the file has no chat template: docpipe uses Gemma 3's, and
+  transformers is given the same).
 - greedy: 64 tokens from `LLM("gemma-3-270m", dtype="float32")` on five passages of
   examples/sotu, checked teacher-forced by one transformers forward.
 """
@@ -26,6 +26,7 @@ from models import registry
 from models.errors import ModelLoadError
 from models.gguf import open_gguf, read_gguf_config
 from models.registry import GEMMA3_NAME, embedded_model_path
+from models.tokenizer import GEMMA_CHAT_TEMPLATE
 from tests.models.test_gguf import one_line_error
 from tests.models.test_qwen_gguf import TOKENIZER_TEXTS, sotu_passages, teacher_forced_argmax
 
@@ -106,15 +107,6 @@ def hf_gemma(gemma_gguf):
     return model.eval()
 
 
-# Gemma's turn format, for the chat check (the base model's file carries no template).
-GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
-
-
 @pytest.mark.slow
 def test_real_gemma_tokenizer_ids_equal_transformers(gemma_gguf):
     from transformers import AutoTokenizer
@@ -130,11 +122,11 @@ def test_real_gemma_tokenizer_ids_equal_transformers(gemma_gguf):
         ids = ours.encode(text, add_special_tokens=True)
         assert ids == hf.encode(text), text
         assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
-    assert ours.chat_template is None and hf.chat_template is None
-    with pytest.raises(ModelLoadError, match="no chat template"):
-        ours.render_chat([{"role": "user", "content": "hi"}])
-    ours.chat_template = hf.chat_template = GEMMA_TEMPLATE
+    # The file has no template (nor has transformers): docpipe falls back to Gemma 3's.
+    assert hf.chat_template is None and ours.chat_template == GEMMA_CHAT_TEMPLATE
+    hf.chat_template = GEMMA_CHAT_TEMPLATE
     conversations = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there."}],
         [{"role": "user", "content": "Summarize:\n\n" + sotu_passages()[0]}],
         [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
          {"role": "user", "content": "  And times 3?  "}],
