@@ -36,13 +36,15 @@ class LLM:
         enable_prefix_caching: bool = True,
         kv_cache_memory_bytes: int | None = None,
         max_model_len: int | None = None,
+        quantization: str = "auto",
         **engine_options,
     ) -> None:
         """`dtype`: "auto" (bf16 where the device computes it natively, else fp32; see
         models.dtypes) or a name; `kv_cache_dtype`: "auto" (the compute dtype) or a name.
+        `quantization`: "auto", "gguf" (GGUF blocks kept packed) or "none" (see load_model).
         `engine_options`: further `EngineConfig` fields (batch_invariant, ...)."""
         self.loaded = model if isinstance(model, LoadedModel) else load_model(
-            model, dtype=dtype, device=device or default_device()
+            model, dtype=dtype, device=device or default_device(), quantization=quantization
         )
         self.tokenizer = self.loaded.tokenizer
         config = EngineConfig(
