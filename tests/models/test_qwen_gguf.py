@@ -7,7 +7,7 @@
    logits.
 3. The real file (slow; skipped, naming the pip command, when its packages are missing):
    weights, config and token ids equal transformers' on the same file, and 64 greedy tokens
-   equal on six chat-templated passages. transformers is loaded once per module (it
+   equal on six chat-templated passages (checked teacher-forced: one transformers forward). transformers is loaded once per module (it
    dequantizes the model to fp32: ~40 s, ~2.5 GB).
 """
 
@@ -428,7 +428,7 @@ def test_real_qwen_header(qwen_gguf):
 
 
 def test_real_gemma3_parts_assemble(monkeypatch, tmp_path):
-    """Only the file: gemma3's model code is not docpipe's yet."""
+    """The four parts assemble into the registered file (its model: test_gemma_gguf.py)."""
     monkeypatch.setenv("DOCPIPE_CACHE_DIR", str(tmp_path))
     try:
         path = embedded_model_path(registry.GEMMA3_NAME)
@@ -475,8 +475,11 @@ def qwen_llm(qwen_gguf):
 
 
 @pytest.fixture(scope="module")
-def qwen_fp32(qwen_llm):
-    return qwen_llm.loaded
+def qwen_fp32(qwen_gguf):
+    """Dequantized at load: the weights test compares the fp32 tensors themselves."""
+    from models import load_model
+
+    return load_model(qwen_gguf, dtype="float32", quantization="none")
 
 
 @pytest.fixture(scope="module")
@@ -589,15 +592,38 @@ NUM_PARITY_TOKENS = 64
 PASSAGE_TOKENS = 80
 
 
+def teacher_forced_argmax(hf_model, prompts: list[list[int]], generated: list[list[int]],
+                          masked_ids: list[int]) -> list[list[int]]:
+    """transformers' greedy choice at every generated position, from ONE forward over
+    prompt + generated (all rows one length: an unpadded batch, no mask or position shift).
+
+    Position P - 1 + k of row r predicts token k after its prompt of P tokens. Greedy decoding
+    equals `generated` exactly when the argmax there is `generated[r][k]` for every k: each
+    step then sees the same prefix in both. `masked_ids` (the EOS ids docpipe's `min_tokens`
+    masked) are excluded from the argmax. About 5x cheaper than `generate` on CPU.
+    """
+    rows = [p + g for p, g in zip(prompts, generated, strict=True)]
+    assert len({len(r) for r in rows}) == 1 and len({len(p) for p in prompts}) == 1, (
+        "teacher forcing needs equal prompt and output lengths (one unpadded batch)")
+    num_prompt, num_generated = len(prompts[0]), len(generated[0])
+    ids = torch.tensor(rows)
+    with torch.no_grad():
+        logits = hf_model(ids, attention_mask=torch.ones_like(ids)).logits
+    logits = logits[:, num_prompt - 1 : num_prompt - 1 + num_generated].float()
+    logits[..., masked_ids] = float("-inf")
+    return logits.argmax(-1).tolist()
+
+
 @pytest.mark.slow
 def test_real_qwen_greedy_continuations_equal_transformers(qwen_llm, hf_qwen):
     """64 greedy tokens from `LLM("qwen2.5-coder-0.5b-instruct", dtype="float32")` equal
-    transformers' on six chat-templated requests to summarize a speech passage.
+    transformers' on six chat-templated requests to summarize a speech passage, checked
+    teacher-forced: transformers' argmax at every generated position of prompt + docpipe's
+    tokens is docpipe's token (equivalent to equal greedy continuations, one forward).
 
-    Each passage is cut to its first 80 tokens so all prompts have the same length:
-    transformers then runs them as one unpadded batch (no attention mask or position shift
-    enters the reference), six times cheaper than one at a time. Both sides mask EOS for all
-    64 steps (docpipe `min_tokens`, transformers `min_new_tokens`), so neither stops early.
+    Each passage is cut to its first 80 tokens so all prompts have the same length and
+    transformers runs them as one unpadded batch. EOS is masked for all 64 steps on both
+    sides (docpipe `min_tokens`; the reference's EOS logits), so neither stops early.
     """
     from models import SamplingParams
 
@@ -612,17 +638,11 @@ def test_real_qwen_greedy_continuations_equal_transformers(qwen_llm, hf_qwen):
     assert len(prompts) == 6 and len({len(p) for p in prompts}) == 1, [len(p) for p in prompts]
     eos_ids = sorted(llm.engine.eos_token_ids)
     params = SamplingParams(max_tokens=NUM_PARITY_TOKENS, min_tokens=NUM_PARITY_TOKENS, temperature=0.0)
-    ours = llm.generate(prompts, params)
-    ids = torch.tensor(prompts)
-    with torch.no_grad():
-        ref = hf_qwen.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False,
-            max_new_tokens=NUM_PARITY_TOKENS, min_new_tokens=NUM_PARITY_TOKENS,
-            eos_token_id=eos_ids, pad_token_id=eos_ids[0],
-        )
-    for passage, out, want in zip(passages, ours, ref[:, ids.shape[1]:].tolist(), strict=True):
-        assert out.num_generated_tokens == NUM_PARITY_TOKENS
-        assert out.token_ids == want, (
-            f"{passage[:50]!r}: docpipe {tokenizer.decode(out.token_ids)!r} vs transformers "
-            f"{tokenizer.decode(want)!r}"
+    ours = [out.token_ids for out in llm.generate(prompts, params)]
+    want = teacher_forced_argmax(hf_qwen, prompts, ours, eos_ids)
+    for passage, out, ref in zip(passages, ours, want, strict=True):
+        assert len(out) == NUM_PARITY_TOKENS
+        assert out == ref, (
+            f"{passage[:50]!r}: docpipe {tokenizer.decode(out)!r} vs transformers "
+            f"{tokenizer.decode(ref)!r}"
         )
