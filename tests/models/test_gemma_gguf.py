@@ -11,6 +11,9 @@ the ones marked slow load transformers on the same file (it dequantizes the mode
   transformers is given the same).
 - greedy: 64 tokens from `LLM("gemma-3-270m", dtype="float32")` on five passages of
   examples/sotu, checked teacher-forced by one transformers forward.
+
+A tiny random gemma3 written as llama.cpp writes it (norms as 1 + w) needs no packages:
+its logits equal transformers'.
 """
 
 from __future__ import annotations
@@ -183,3 +186,65 @@ def test_real_gemma_greedy_continuations_equal_transformers(gemma_llm, hf_gemma)
         assert len(out) == NUM_PARITY_TOKENS
         assert out == ref, (f"{tokenizer.decode(prompt)[:50]!r}: docpipe {tokenizer.decode(out)!r} "
                             f"vs transformers {tokenizer.decode(ref)!r}")
+
+
+# -- a tiny random gemma3 written as llama.cpp writes it ------------------------------------
+GEMMA3_TO_GGUF = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def test_tiny_gemma3_gguf_matches_transformers(tmp_path):
+    """7 layers (local 0-4 and 6, global 5: the interleave the file does not store), MQA, a
+    16-token window under a 48-token sequence; norms written as 1 + w, as llama.cpp does."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from models.config import ModelConfig
+    from models.gguf import iter_gguf_tensors
+    from models.loading import build_model, load_state_dict
+    from tests.models.test_gguf import write_gguf
+
+    hf_config = AutoConfig.for_model(
+        "gemma3_text", vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=7,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
+        sliding_window=16, max_position_embeddings=512, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    hf_model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.1 if "norm" in name else 0.05))
+    tensors = {}
+    for name, t in hf_model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied
+        if name == "model.embed_tokens.weight":
+            gguf_name = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gguf_name = "output_norm.weight"
+        else:
+            _, _, i, rest = name.split(".", 3)
+            gguf_name = f"blk.{i}.{GEMMA3_TO_GGUF[rest.removesuffix('.weight')]}.weight"
+        value = t.detach().numpy().copy()
+        tensors[gguf_name] = value + np.float32(1) if gguf_name.endswith("norm.weight") else value
+    metadata = {
+        "gemma3.block_count": 7, "gemma3.context_length": 512, "gemma3.embedding_length": 64,
+        "gemma3.feed_forward_length": 96, "gemma3.attention.head_count": 2,
+        "gemma3.attention.head_count_kv": 1, "gemma3.attention.key_length": 32,
+        "gemma3.attention.value_length": 32, "gemma3.rope.freq_base": 1e6,
+        "gemma3.attention.sliding_window": 16, "gemma3.attention.layer_norm_rms_epsilon": 1e-6,
+    }
+    path = tmp_path / "tiny-gemma3.gguf"
+    write_gguf(path, "gemma3", tensors, metadata)
+    config = read_gguf_config(path)
+    assert config["layer_types"] == [*hf_model.config.layer_types]
+    model = build_model(ModelConfig.from_hf_dict(config, source=str(path)), torch.float32, "cpu")
+    load_state_dict(model, iter_gguf_tensors(path)[1], str(path))
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf_model(ids).logits
+    torch.testing.assert_close(model.logits_dense(ids), want, atol=1e-4, rtol=1e-4)
