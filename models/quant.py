@@ -10,8 +10,8 @@ a row permutation (llama's q/k un-permute) permutes packed rows.
                                               FMA'd into fp32 accumulators, W read once
       CPU, M > 16 (prefill)                   tiles of TILE_ELEMENTS dequantized to x's dtype
                                               (native), one BLAS matmul per tile
-      fixed_k (batch-invariant runs)          the native kernel in slices of 16 rows for every
-                                              M: a row's value never depends on the row count
+      fixed_k (batch-invariant runs)          the native kernel for every M (16 rows at a time,
+                                              one call): a row's value never depends on M
       CUDA, or no native kernels              tiles dequantized with torch ops, then matmul
 
 Dequantized values are bit-equal to models/gguf.py's (the products are exact in fp32), so the
@@ -40,8 +40,9 @@ PACKED_TYPES: dict[int, tuple[str, int, int]] = {
 }
 # Rows up to this count go through the native decode kernel (its compile-time maximum).
 MAX_KERNEL_ROWS = 16
-# Values of W dequantized at a time on the prefill path (4 MiB of fp32).
-TILE_ELEMENTS = 1 << 20
+# Values of W dequantized at a time on the prefill path (16 MiB of fp32): few tiles per layer,
+# since every tile is two thread wake-ups (dequantize, BLAS), slow on a busy machine.
+TILE_ELEMENTS = 1 << 22
 
 
 def _lib() -> ctypes.CDLL | None:
@@ -234,14 +235,13 @@ class PackedWeight(nn.Module):
         if use_kernel:
             x = x.contiguous()
             for ggml_type, packed, lo, hi in self.segments():
-                # output columns [lo, hi) of each row: y's row stride is out_features
-                for r0 in range(0, m, MAX_KERNEL_ROWS):
-                    rows = min(MAX_KERNEL_ROWS, m - r0)
-                    rc = lib.docpipe_qmatmul(
-                        ggml_type, native.DTYPES[x.dtype], packed.data_ptr(), hi - lo,
-                        self.in_features, x[r0].data_ptr(), x.stride(0), rows,
-                        out[r0, lo:].data_ptr(), out.stride(0))
-                    assert rc == 0, f"docpipe_qmatmul refused type {ggml_type}"
+                # output columns [lo, hi) of each row: y's row stride is out_features; the
+                # kernel takes x's rows 16 at a time in one call
+                rc = lib.docpipe_qmatmul(
+                    ggml_type, native.DTYPES[x.dtype], packed.data_ptr(), hi - lo,
+                    self.in_features, x.data_ptr(), x.stride(0), m, out[0, lo:].data_ptr(),
+                    out.stride(0))
+                assert rc == 0, f"docpipe_qmatmul refused type {ggml_type}"
             return out
         tile_rows = max(1, TILE_ELEMENTS // self.in_features)
         for ggml_type, packed, lo, hi in self.segments():

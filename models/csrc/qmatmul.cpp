@@ -344,13 +344,14 @@ int docpipe_qmatmul_max_rows() { return kMaxRows; }
 // 2: AVX-512, 1: AVX2 + FMA, 0: portable.
 int docpipe_qmatmul_path() { return kPath; }
 
-// y[r, j] = sum_k x[r, k] W[j, k] for r < m (1..16), j < n; W: n rows of packed blocks (k / block
-// values each), x and y of `dtype` (0 fp32, 1 bf16 bits) with row strides ldx, ldy. Returns
-// 0, or -1 for a type, k or m it does not take (nothing written).
+// y[r, j] = sum_k x[r, k] W[j, k] for r < m, j < n; W: n rows of packed blocks (k / block
+// values each), x and y of `dtype` (0 fp32, 1 bf16 bits) with row strides ldx, ldy. x's rows
+// are taken 16 at a time inside one parallel region (one thread wake-up per call: on a busy
+// machine each region costs a scheduler time slice); a row's value does not depend on m.
+// Returns 0, or -1 for a type or k it does not take (nothing written).
 int docpipe_qmatmul(int type, int dtype, const void* w, int64_t n, int64_t k, const void* x,
                     int64_t ldx, int64_t m, void* y, int64_t ldy) {
-  if (!docpipe_qmatmul_supported(type, k) || m < 1 || m > kMaxRows || dtype < 0 || dtype > 1)
-    return -1;
+  if (!docpipe_qmatmul_supported(type, k) || m < 1 || dtype < 0 || dtype > 1) return -1;
   const Format f = format(type);
   const int64_t row_bytes = k / f.block_size * f.type_size;
   const uint8_t* wb = static_cast<const uint8_t*>(w);
@@ -358,12 +359,15 @@ int docpipe_qmatmul(int type, int dtype, const void* w, int64_t n, int64_t k, co
   {
     int64_t j0, j1;
     thread_rows(n, omp_get_thread_num(), omp_get_num_threads(), &j0, &j1);
-    if (dtype == 0)
-      matmul_dispatch(type, m, wb, row_bytes, k, static_cast<const float*>(x), ldx,
-                      static_cast<float*>(y), ldy, j0, j1);
-    else
-      matmul_dispatch(type, m, wb, row_bytes, k, static_cast<const uint16_t*>(x), ldx,
-                      static_cast<uint16_t*>(y), ldy, j0, j1);
+    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
+      const int64_t rows = m - r0 < kMaxRows ? m - r0 : kMaxRows;
+      if (dtype == 0)
+        matmul_dispatch(type, rows, wb, row_bytes, k, static_cast<const float*>(x) + r0 * ldx,
+                        ldx, static_cast<float*>(y) + r0 * ldy, ldy, j0, j1);
+      else
+        matmul_dispatch(type, rows, wb, row_bytes, k, static_cast<const uint16_t*>(x) + r0 * ldx,
+                        ldx, static_cast<uint16_t*>(y) + r0 * ldy, ldy, j0, j1);
+    }
   }
   return 0;
 }
