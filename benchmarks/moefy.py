@@ -14,6 +14,21 @@ agreement: the share of positions, over --greedy-tokens greedy tokens from each 
 the dense model's at the same position. Prefill: one forward over 2048 held-out tokens
 (16 sequences of 128), warm-up excluded, best of --rounds x --repeats, the models
 interleaved (the machine is shared). Quality results are cached in WORK/results.json.
+
+Measured 2026-12-01 (AMD EPYC, 2 threads, the 2 cores shared with other jobs at load 6-14,
+so every time is inflated and noisy), `--samples 128 --sample-tokens 64 --settings 16,4,256
+--standard-settings --eval-tokens 2048 --greedy-tokens 64 --prompts 2 --rounds 1
+--repeats 2` (the full default run did not fit the session):
+
+| model | perplexity (x dense) | greedy agreement | FFN MFLOP/token (x dense) | prefill tok/s (x dense) |
+| --- | --- | --- | --- | --- |
+| dense | 26.97 (1.00x) | 100.0% | 159.3 (1.00x) | 156 (1.00x) |
+| hard E=16 K=4 S=256 | 487.62 (18.08x) | 0.8% | 60.3 (0.38x) | 95 (0.61x) |
+
+Neither goal is met: with 8192 calibration tokens the K=4 model is far from the dense one,
+and the MoE prefill is slower than the dense one despite 0.38x the FFN FLOPs (32 small
+per-expert GEMMs per layer, the gather/unsort copies). (16,8,0), (8,2,256) and the standard
+gate were not measured.
 """
 
 from __future__ import annotations
