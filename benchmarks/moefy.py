@@ -108,7 +108,6 @@ def prefill_tok_s(model, ids, repeats: int = 3) -> float:
 
 def greedy(path: str, prompts: list[list[int]], num_tokens: int) -> list[list[int]]:
     from models import LLM, SamplingParams
-
     from models.loading import load_model
 
     llm = LLM(load_model(path, dtype="float32", quantization="none"), batch_invariant=True)

@@ -168,7 +168,7 @@ def balanced_kmeans(features: torch.Tensor, num_clusters: int, seed: int,
     centroids = f[centers]
     assign = torch.full((n,), -1, dtype=torch.long)
     iters = 0
-    for iters in range(1, max_iters + 1):
+    for iters in range(1, max_iters + 1):  # noqa: B007 (returned: the iterations run)
         sim = f @ centroids.T  # [n, C]
         order = torch.argsort(sim.reshape(-1), descending=True, stable=True).tolist()
         new = [-1] * n
