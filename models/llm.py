@@ -43,6 +43,9 @@ class LLM:
         models.dtypes) or a name; `kv_cache_dtype`: "auto" (the compute dtype) or a name.
         `quantization`: "auto", "gguf" (GGUF blocks kept packed) or "none" (see load_model).
         `engine_options`: further `EngineConfig` fields (batch_invariant, ...)."""
+        from models.quant import engine_quantization
+
+        quantization = engine_quantization(quantization, engine_options.get("batch_invariant", False))
         self.loaded = model if isinstance(model, LoadedModel) else load_model(
             model, dtype=dtype, device=device or default_device(), quantization=quantization
         )

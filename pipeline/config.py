@@ -57,11 +57,14 @@ class _PoolMethods:
         return dtype_name(dtype), dtype_name(
             resolve_kv_cache_dtype(self.kv_cache_dtype, dtype, self.device))
 
-    def _fingerprint_part(self) -> dict[str, Any]:
+    def _fingerprint_part(self, batch_invariant: bool) -> dict[str, Any]:
         dtype, kv_dtype = self.resolved_dtypes()
         data = {"model": self.model, "dtype": dtype}
         if kv_dtype != dtype:  # absent when equal: fingerprints from before the setting hold
             data["kv_cache_dtype"] = kv_dtype
+        # packed weights round differently (within fp32 bounds); absent for dequantized ones
+        if not (self.quantization == "none" or (self.quantization == "auto" and batch_invariant)):
+            data["quantization"] = self.quantization
         return data
 
 
@@ -157,10 +160,11 @@ class _RunMethods:
         hashes = weights_hash if isinstance(weights_hash, dict) else {
             pools[0].name: weights_hash}
         if len(pools) == 1 and not self.routes:
-            data.update(pools[0]._fingerprint_part())
+            data.update(pools[0]._fingerprint_part(self.batch_invariant))
             data["weights"] = hashes[pools[0].name]
         else:
-            data["pools"] = [{"name": p.name, **p._fingerprint_part(), "weights": hashes[p.name]}
+            data["pools"] = [{"name": p.name, **p._fingerprint_part(self.batch_invariant),
+                              "weights": hashes[p.name]}
                              for p in pools]
             from pipeline.routing import parse_routes
 

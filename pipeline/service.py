@@ -44,7 +44,7 @@ def engine_spec(config: RunConfig, pool: PoolConfig | None = None) -> EngineSpec
         engine["kv_cache_memory_bytes"] = pool.kv_cache_memory_bytes
     threads = _threads_per_replica(config) if pool.device == "cpu" else None
     return EngineSpec(model=pool.model, dtype=dtype, device=pool.device,
-                      num_threads=threads, engine=engine)
+                      num_threads=threads, quantization=pool.quantization, engine=engine)
 
 
 def _describe_model(model: str, where: str = ""):

@@ -99,6 +99,9 @@ SETTINGS: tuple[Setting, ...] = (
        choices=DTYPE_CHOICES),
     _S("kv_cache_dtype", str, "auto", "KV cache dtype; auto: the compute dtype. bfloat16 under "
        "float32 halves KV memory.", "model", scope="pool", output=True, choices=KV_CHOICES),
+    _S("quantization", str, "auto", "GGUF weights: gguf keeps them packed (native matmuls), none "
+       "dequantizes at load; auto: none under batch invariance (faster prefill), else packed "
+       "on CPU.", "model", scope="pool", output=True, choices=("auto", "gguf", "none")),
     # chunking
     _S("chunk_tokens", int, 2048, "Chunk size in tiktoken tokens.", "chunking", output=True,
        minimum=16),

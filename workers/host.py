@@ -27,6 +27,7 @@ class EngineSpec:
     dtype: str = "auto"  # models.dtypes: resolved on the replica's device
     device: str | None = None  # None: cuda when visible, else cpu
     num_threads: int | None = None  # torch intra-op threads on CPU
+    quantization: str = "auto"  # GGUF weights: "gguf" packed, "none" dequantized (models.quant)
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
     # Called with each engine a replica builds (fault drills in tests; travels with the spec).
     engine_hook: Callable[[Any], None] | None = None
@@ -81,7 +82,11 @@ def build_engine(spec: EngineSpec):
 
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
-    loaded = load_model(spec.model, dtype=spec.dtype, device=spec.device or default_device())
+    from models.quant import engine_quantization
+
+    loaded = load_model(spec.model, dtype=spec.dtype, device=spec.device or default_device(),
+                        quantization=engine_quantization(
+                            spec.quantization, spec.engine.get("batch_invariant", False)))
     engine = LLMEngine(loaded.model, loaded.tokenizer, EngineConfig(**spec.engine))
     return engine, loaded
 

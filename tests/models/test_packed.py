@@ -189,3 +189,20 @@ def test_smollm2_greedy_equal(smollm2_pair):
     got = LLM(packed, max_num_seqs=4).generate(prompts, sp)
     want = LLM(dense, max_num_seqs=4).generate(prompts, sp)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
+def test_batch_invariant_engines_load_gguf_dequantized(smollm2_gguf):
+    """"auto" keeps GGUF weights packed, except for batch-invariant engines (the pipeline's),
+    whose fixed-row kernel makes packed prefill slower."""
+    from models import LLM
+    from models.quant import PackedWeight, engine_quantization
+
+    assert engine_quantization("auto", True) == "none"
+    assert engine_quantization("auto", False) == "auto"
+    assert engine_quantization("gguf", True) == "gguf"
+
+    def packed(llm) -> bool:
+        return any(isinstance(m, PackedWeight) for m in llm.engine.model.modules())
+
+    assert packed(LLM(str(smollm2_gguf), dtype="float32", max_num_seqs=4))
+    assert not packed(LLM(str(smollm2_gguf), dtype="float32", batch_invariant=True, max_num_seqs=4))
