@@ -336,14 +336,29 @@ def _cached_stats(model, windows: list[list[int]], cache: Path | None) -> list[L
 
     key = hashlib.sha256(json.dumps([model.config.name, windows]).encode()).hexdigest()
     if cache is not None and Path(cache).is_file():
-        saved = torch.load(cache, weights_only=True)
-        if saved["key"] == key:
-            logger.info("calibration sums from %s", cache)
-            return [LayerStats(**d) for d in saved["layers"]]
+        from safetensors import safe_open
+
+        with safe_open(str(cache), framework="pt") as f:  # tensors and JSON only
+            meta = f.metadata() or {}
+            if meta.get("key") == key:
+                logger.info("calibration sums from %s", cache)
+                out = []
+                for i, counts in enumerate(json.loads(meta["counts"])):
+                    tensors = {n: f.get_tensor(f"{i}.{n}") for n in LayerStats.__slots__
+                               if f"{i}.{n}" in f.keys()}
+                    out.append(LayerStats(**tensors, **counts))
+                return out
     stats = collect_stats(model, windows)
     if cache is not None:
-        layers = [{name: getattr(s, name) for name in LayerStats.__slots__} for s in stats]
-        torch.save({"key": key, "layers": layers}, cache)
+        from safetensors.torch import save_file
+
+        tensors, counts = {}, []
+        for i, st in enumerate(stats):
+            counts.append({n: getattr(st, n) for n in LayerStats.__slots__
+                           if isinstance(getattr(st, n), int)})
+            tensors.update({f"{i}.{n}": getattr(st, n).contiguous() for n in LayerStats.__slots__
+                            if isinstance(getattr(st, n), torch.Tensor)})
+        save_file(tensors, str(cache), metadata={"key": key, "counts": json.dumps(counts)})
     return stats
 
 
