@@ -63,7 +63,7 @@ def run_mode(args, quantization: str, prompts) -> dict:
     rss1 = rss_bytes()
     llm = LLM(loaded, max_num_seqs=args.seqs, enable_prefix_caching=False)
 
-    def gen(max_tokens: int) -> float:
+    def gen(max_tokens: int, llm=llm) -> float:
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, sp)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import native, quant
+from models import quant
 from models.gguf import TENSOR_FORMATS, open_gguf
 from models.registry import resolve_model_path
 
