@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -12,6 +11,7 @@ from jobs.runner import JobLocked, job_lock, read_dataset, run_job
 from jobs.schedule import missed_ticks, run_schedule
 from jobs.spec import load_job
 from jobs.state import JobState
+from tests.jobfiles import tiny_job_text
 
 COMPARE = ["doc_id", "status", "error", "summary", "chunks", "num_tokens", "num_chunks",
            "config_fingerprint", "content_hash", "prompt_tokens", "generated_tokens"]
@@ -23,23 +23,7 @@ def make_job(tmp_path, model_dir, store=None, **extra):
         store.mkdir()
         for i in range(5):
             (store / f"doc{i}.txt").write_text(f"Document {i}. " + "The sea was calm that night. " * (20 + 15 * i))
-    text = textwrap.dedent(f"""
-        [input]
-        path = "{store}"
-        [output]
-        path = "{tmp_path / 'out'}"
-        [model]
-        name = "{model_dir}"
-        dtype = "float32"
-        [chunking]
-        chunk_tokens = 128
-        overlap = 16
-        [strategy]
-        max_summary_tokens = 6
-        [resources]
-        use_ray = false
-        max_inflight_docs = 2
-    """)
+    text = tiny_job_text(store, tmp_path / "out", model_dir)
     for k, v in extra.items():
         text += f"{k}\n{v}\n"
     path = tmp_path / "job.toml"

@@ -11,6 +11,7 @@ pytest.importorskip("matplotlib")
 
 from jobs.cli import main  # noqa: E402
 from pipeline.report import coverage, error_cause, render_html  # noqa: E402
+from tests.jobfiles import tiny_job_text  # noqa: E402
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "sotu"
 SECTIONS = ["throughput", "latency", "prefix-cache", "merge-trees", "errors", "experts"]
@@ -89,22 +90,7 @@ def test_jobs_run_report(tiny_model_dir, tmp_path):
     store.mkdir()
     (store / "a.txt").write_text("The sea was calm that night. " * 30)
     job = tmp_path / "job.toml"
-    job.write_text(f"""
-[input]
-path = "{store}"
-[output]
-path = "{tmp_path / 'out'}"
-[model]
-name = "{tiny_model_dir}"
-dtype = "float32"
-[chunking]
-chunk_tokens = 128
-overlap = 16
-[strategy]
-max_summary_tokens = 6
-[resources]
-use_ray = false
-""")
+    job.write_text(tiny_job_text(store, tmp_path / "out", tiny_model_dir))
     result = CliRunner().invoke(main, ["jobs", "run", str(job), "--quiet", "--report"])
     assert result.exit_code == 0, result.output
     page = (tmp_path / "out" / "_report.html").read_text()

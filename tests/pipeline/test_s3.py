@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pyarrow as pa
@@ -168,25 +167,10 @@ def test_cli_run_bucket_to_bucket(s3_prefix, tiny_model_dir):
 
 def make_s3_job(tmp_path, model_dir, store: str, out: str):
     from jobs.spec import load_job
+    from tests.jobfiles import tiny_job_text
 
     path = tmp_path / "job.toml"
-    path.write_text(textwrap.dedent(f"""
-        [input]
-        path = "{store}"
-        [output]
-        path = "{out}"
-        [model]
-        name = "{model_dir}"
-        dtype = "float32"
-        [chunking]
-        chunk_tokens = 128
-        overlap = 16
-        [strategy]
-        max_summary_tokens = 6
-        [resources]
-        use_ray = false
-        max_inflight_docs = 2
-    """))
+    path.write_text(tiny_job_text(store, out, model_dir))
     return load_job(path)
 
 
