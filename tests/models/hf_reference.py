@@ -114,3 +114,14 @@ def make_new_arch_checkpoint(variant: str, path: Path, seed: int = 0):
     model.eval()
     model.save_pretrained(path)
     return model
+
+
+def assert_chat_like_transformers(ours, hf, conversations) -> None:
+    """Our chat template renders each conversation (with and without the generation prompt)
+    to the same text and token ids as the transformers tokenizer `hf`."""
+    for messages in conversations:
+        for add in (True, False):
+            want = hf.apply_chat_template(messages, add_generation_prompt=add, tokenize=False)
+            assert ours.apply_chat_template(messages, add_generation_prompt=add, tokenize=False) == want
+            want_ids = hf(want, add_special_tokens=False)["input_ids"]
+            assert ours.apply_chat_template(messages, add_generation_prompt=add) == want_ids

@@ -30,6 +30,7 @@ from models.errors import ModelLoadError
 from models.gguf import open_gguf, read_gguf_config
 from models.registry import GEMMA3_NAME, embedded_model_path
 from models.tokenizer import GEMMA_CHAT_TEMPLATE
+from tests.models.hf_reference import assert_chat_like_transformers
 from tests.models.test_gguf import one_line_error
 from tests.models.test_qwen_gguf import TOKENIZER_TEXTS, sotu_passages, teacher_forced_argmax
 
@@ -134,12 +135,7 @@ def test_real_gemma_tokenizer_ids_equal_transformers(gemma_gguf):
         [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
          {"role": "user", "content": "  And times 3?  "}],
     ]
-    for messages in conversations:
-        for add in (True, False):
-            want = hf.apply_chat_template(messages, add_generation_prompt=add, tokenize=False)
-            assert ours.apply_chat_template(messages, add_generation_prompt=add, tokenize=False) == want
-            want_ids = hf(want, add_special_tokens=False)["input_ids"]
-            assert ours.apply_chat_template(messages, add_generation_prompt=add) == want_ids
+    assert_chat_like_transformers(ours, hf, conversations)
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (2, 1, 0)
     assert (ours.bos_token, ours.eos_token, ours.pad_token) == (hf.bos_token, hf.eos_token, hf.pad_token)
     # Turns end with <end_of_turn>, as the released generation_config's eos_token_id [1, 106].

@@ -36,6 +36,7 @@ from models.registry import (
     embedded_model_path,
     embedded_model_rows,
 )
+from tests.models.hf_reference import assert_chat_like_transformers
 from tests.models.test_gguf import one_line_error, write_gguf
 
 REPO = Path(__file__).resolve().parents[2]
@@ -545,12 +546,7 @@ def test_real_qwen_tokenizer_ids_equal_transformers(qwen_fp32, hf_qwen_tokenizer
          {"role": "assistant", "content": "It splits ids into overlapping windows."},
          {"role": "user", "content": "Why max(..., 1)?"}],
     ]
-    for messages in conversations:
-        for add in (True, False):
-            want = hf.apply_chat_template(messages, add_generation_prompt=add, tokenize=False)
-            assert ours.apply_chat_template(messages, add_generation_prompt=add, tokenize=False) == want
-            want_ids = hf(want, add_special_tokens=False)["input_ids"]
-            assert ours.apply_chat_template(messages, add_generation_prompt=add) == want_ids
+    assert_chat_like_transformers(ours, hf, conversations)
     assert (ours.eos_token, ours.pad_token, ours.bos_token) == (hf.eos_token, hf.pad_token, hf.bos_token)
     assert ours.eos_token_id == 151645  # <|im_end|>: the end of an assistant turn
     assert ours.stop_token_ids == {151643, 151645}  # and <|endoftext|>
