@@ -63,7 +63,6 @@ class _Replicas:
 
     def _init_replicas(self, pools: list[PoolSpec], max_attempts: int,
                        restart_timeout_s: float) -> None:
-        self.pools = pools
         # replica i: its pool; the first pool is the default ("" in a WorkRequest)
         self.replica_pool: list[PoolSpec] = [p for p in pools for _ in range(p.num_replicas)]
         num_replicas = len(self.replica_pool)
@@ -169,14 +168,9 @@ class LocalPool(_Replicas):
         pools = [PoolSpec(p.name, p.engine, 1, p.num_cpus, p.num_gpus)
                  for p in _pool_specs(spec, pools)]
         assert engine is None or len(pools) == 1, "a prebuilt engine serves a one-pool set"
-        self.spec = pools[0].engine
         self._init_replicas(pools, max_attempts, restart_timeout_s)
         self.hosts = [EngineHost(p.engine, replica=i, engine=engine if i == 0 else None)
                       for i, p in enumerate(self.replica_pool)]
-
-    @property
-    def host(self) -> EngineHost:
-        return self.hosts[0]
 
     def _send(self, i: int, reqs: list[WorkRequest]) -> None:
         try:
@@ -292,7 +286,6 @@ class RayPool(_Replicas):
         import ray
 
         pools = _pool_specs(spec, pools, num_replicas, num_cpus, num_gpus)
-        self.spec = pools[0].engine
         self._init_replicas(pools, max_attempts, restart_timeout_s)
         self.actors = [self._start(i) for i in range(self.num_replicas)]
         self.pending: dict[Any, int] = {}  # collect() future -> replica
