@@ -6,7 +6,10 @@ PNGs drawn with matplotlib (Agg, no display) and embedded as base64 `data:` URIs
 needs no network and no other file at view time. Sections, each a `<section id=...>`:
 
 - `throughput`: documents finished and tokens per second over the run;
-- `latency`: each request as a bar from start to finish, one row per replica, coloured by stage;
+- `latency`: each request as a bar from start to finish, one row per replica, coloured by stage:
+  solid until its first token (queued and prefilled), pale after it (decode);
+- `kv-cache`: each replica's KV-cache usage over the run (and its running/waiting requests),
+  from the samples the replicas took after their steps;
 - `prefix-cache`: prefix-cache hit rate over time, per pool (prompt tokens served from the cache);
 - `merge-trees`: per document, its chunks and every merge above them (level, group, the chunks
   it covers); a chunk that no summary descends from is drawn red and listed as uncovered;
@@ -187,15 +190,46 @@ def plot_latency(requests) -> str:
     for r, lane in placed:
         rep = (r["pool"] or "default", r["replica"])
         stage = "reduce" if r["stage"].startswith("reduce") else r["stage"]
-        ax.broken_barh([(r["start_s"], max(r["latency_s"], 1e-3))], (base[rep] + lane, 0.8),
-                       facecolors=STAGE_COLORS.get(stage, "#999"), edgecolor="none")
+        color = STAGE_COLORS.get(stage, "#999")
+        first = r.get("first_token_s")
+        if first is None:  # no first-token time recorded: one bar
+            ax.broken_barh([(r["start_s"], max(r["latency_s"], 1e-3))], (base[rep] + lane, 0.8),
+                           facecolors=color, edgecolor="none")
+            continue
+        ax.broken_barh([(r["start_s"], max(first - r["start_s"], 1e-3))],
+                       (base[rep] + lane, 0.8), facecolors=color, edgecolor="none")
+        ax.broken_barh([(first, max(r["finish_s"] - first, 1e-3))], (base[rep] + lane, 0.8),
+                       facecolors=color, alpha=0.35, edgecolor="none")
     ax.set_yticks([base[rep] + height[rep] / 2 for rep in replicas],
                   [f"{p} / replica {i}" for p, i in replicas])
-    ax.set_xlabel("seconds since the run began (start = arrival - replica latency)")
+    ax.set_xlabel("seconds since the run began (solid: queued + prefill, pale: decode)")
     handles = [_patches().Patch(color=c, label=s)
                for s, c in STAGE_COLORS.items()]
     ax.legend(handles=handles, loc="upper right", fontsize=7, ncol=4)
     ax.set_title("per-request latency timeline, per replica")
+    return _png(fig)
+
+
+def plot_kv_usage(replica_stats) -> str:
+    fig, ax = _figure()
+    series = [(r.get("pool", "default"), r.get("replica"), r.get("kv_timeline") or [])
+              for r in replica_stats or []]
+    series = [s for s in series if s[2]]
+    if not series:
+        _empty(ax, "no KV-cache samples in the log (a run from before they were recorded)")
+        return _png(fig)
+    ax2 = ax.twinx()
+    for pool, replica, samples in series:
+        xs = [t for t, *_ in samples]
+        line, = ax.plot(xs, [u for _, u, *_ in samples], label=f"{pool} / replica {replica}")
+        ax2.plot(xs, [sum(rest) for _, _, *rest in samples], color=line.get_color(),
+                 linestyle=":", linewidth=1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("seconds since the run began")
+    ax.set_ylabel("KV-cache blocks in use")
+    ax2.set_ylabel("requests running + waiting (dotted)")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("KV-cache usage over time, per replica")
     return _png(fig)
 
 
@@ -323,6 +357,7 @@ def render_html(rows: list[dict], requests=None, replica_stats=None, wall_s=None
     sections = [
         ("throughput", "Documents and tokens per second", _img(plot_throughput(requests), "throughput")),
         ("latency", "Request latency per replica", _img(plot_latency(requests), "latency timeline")),
+        ("kv-cache", "KV-cache usage", _img(plot_kv_usage(replica_stats), "KV-cache usage")),
         ("prefix-cache", "Prefix-cache hit rate", _img(plot_prefix_hits(requests), "prefix hit rate")),
         ("merge-trees", "Merge trees and chunk coverage",
          "<table><tr><th>document</th><th>chunks</th><th>covered</th><th>coverage</th></tr>"

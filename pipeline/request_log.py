@@ -11,10 +11,13 @@ Names start with `_` and do not end in `.parquet`, so dataset readers of the out
 Columns (REQUEST_SCHEMA):
 doc_id, request_id, stage (map, ctx, refine, reduce<level>), index, pool, replica, start_s and
 finish_s (seconds since the run began, on the driver's clock: finish is when the result
-arrived, start is finish minus the replica's `latency_s`; the engine reports no first-token
-time, so none is stored), latency_s, prompt/cached/generated tokens, from_store (served from
-a job's stored results: no model work in this run). The file's schema metadata holds the
-replicas' closing stats (`replica_stats`, JSON) and the run's wall time.
+arrived, start is finish minus the replica's `latency_s`), first_token_s (when the first
+token was sampled, start plus the replica's submit-to-first-token time: before it the request
+queued and prefilled, after it it decoded), latency_s, prompt/cached/generated tokens,
+from_store (served from a job's stored results: no model work in this run). The file's schema
+metadata holds the replicas' closing stats (`replica_stats`, JSON; each replica's
+`kv_timeline` of [seconds since the run began, KV-cache usage, running, waiting] samples) and
+the run's wall time.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ REQUEST_SCHEMA = pa.schema([
     pa.field("replica", pa.int32()),
     pa.field("start_s", pa.float64()),
     pa.field("finish_s", pa.float64()),
+    pa.field("first_token_s", pa.float64()),
     pa.field("latency_s", pa.float64()),
     pa.field("prompt_tokens", pa.int64()),
     pa.field("cached_tokens", pa.int64()),
@@ -80,10 +84,13 @@ class RequestLog:
         finish = time.perf_counter() - self.t0
         stored = result.request_id in self._from_store
         latency = 0.0 if stored else float(result.latency_s or 0.0)
+        start = max(0.0, finish - latency)
+        ttft = None if stored else getattr(result, "first_token_s", None)
         self.rows.append(dict(
             doc_id=doc.doc_id, request_id=result.request_id, stage=request.stage,
             index=request.index, pool=None, replica=None if stored else result.replica,
-            start_s=max(0.0, finish - latency), finish_s=finish, latency_s=latency,
+            start_s=start, finish_s=finish, latency_s=latency,
+            first_token_s=None if ttft is None else min(finish, start + ttft),
             prompt_tokens=result.num_prompt_tokens, cached_tokens=result.num_cached_tokens,
             generated_tokens=result.num_generated_tokens, from_store=stored))
 
@@ -92,7 +99,10 @@ class RequestLog:
         for row in self.rows:
             if row["replica"] is not None:
                 row["pool"] = replica_to_pool.get(row["replica"], "default")
-        meta = {"replica_stats": json.dumps(replica_stats or [], default=str),
+        replica_stats = [dict(r, kv_timeline=[[t - self.started_at, *rest]
+                                              for t, *rest in r.get("kv_timeline") or []])
+                         for r in replica_stats or []]
+        meta = {"replica_stats": json.dumps(replica_stats, default=str),
                 "wall_s": json.dumps(wall_s), "started_at": json.dumps(self.started_at)}
         return pa.Table.from_pylist(self.rows, schema=REQUEST_SCHEMA).replace_schema_metadata(meta)
 
@@ -131,12 +141,20 @@ def read_request_logs(paths: list[Path | Location]) -> tuple[pa.Table | None, li
         wall = json.loads(meta.get("wall_s", "null")) or (
             max(table["finish_s"].to_pylist(), default=0.0))
         replica_stats = json.loads(meta.get("replica_stats", "[]"))
+        for r in replica_stats:  # this run's samples follow the previous runs, as its rows do
+            r["kv_timeline"] = [[t + offset, *rest] for t, *rest in r.get("kv_timeline") or []]
         import pyarrow.compute as pc
 
         table = table.set_column(table.schema.get_field_index("start_s"), "start_s",
                                  pc.add(table["start_s"], offset))
         table = table.set_column(table.schema.get_field_index("finish_s"), "finish_s",
                                  pc.add(table["finish_s"], offset))
+        if "first_token_s" in table.column_names:
+            table = table.set_column(table.schema.get_field_index("first_token_s"),
+                                     "first_token_s", pc.add(table["first_token_s"], offset))
+        else:  # a log written before first-token times were recorded
+            table = table.append_column("first_token_s", pa.nulls(table.num_rows, pa.float64()))
+        table = table.select([n for n in REQUEST_SCHEMA.names if n in table.column_names])
         tables.append(table.replace_schema_metadata(None))
         offset += wall
     if not tables:

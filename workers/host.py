@@ -18,6 +18,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+TIMELINE_START_S = 0.5  # first interval between KV-usage samples
+TIMELINE_MAX = 1024  # samples kept per replica
+
 
 @dataclass(slots=True)
 class EngineSpec:
@@ -54,6 +57,7 @@ class WorkResult:
     num_generated_tokens: int = 0
     expert_token_counts: list[int] | None = None
     latency_s: float = 0.0
+    first_token_s: float | None = None  # submit to first generated token (prefill + queueing)
     replica: int = -1
     error: str | None = None
 
@@ -106,6 +110,11 @@ class EngineHost:
         self._stop = False
         self._failure: EngineFailed | None = None  # the engine thread's failure, once it raised
         self._submitted_at: dict[str, float] = {}
+        # KV-cache usage over time, for the run report: [wall clock s, usage 0-1, running,
+        # waiting], sampled after a step at most every `_sample_every` s; when full, every
+        # other sample is dropped and the interval doubles, so a long run stays bounded.
+        self.kv_timeline: list[list[float]] = []
+        self._sample_every = TIMELINE_START_S
         self._thread = threading.Thread(target=self._loop, name=f"engine-{replica}", daemon=True)
         self._thread.start()
 
@@ -135,7 +144,22 @@ class EngineHost:
         stats = self.engine.stats()  # a snapshot; counters may move while it is taken
         stats["replica"] = self.replica
         stats["queued"] = len(self._intake)
+        stats["kv_timeline"] = list(self.kv_timeline)
         return stats
+
+    def _sample(self) -> None:
+        now = time.time()
+        if self.kv_timeline and now - self.kv_timeline[-1][0] < self._sample_every:
+            return
+        sched = getattr(self.engine, "scheduler", None)
+        blocks = getattr(self.engine, "block_manager", None)
+        if sched is None or blocks is None:  # an engine stand-in without a KV cache
+            return
+        self.kv_timeline.append([now, float(blocks.usage), len(sched.running),
+                                 len(sched.waiting)])
+        if len(self.kv_timeline) >= TIMELINE_MAX:
+            del self.kv_timeline[1::2]
+            self._sample_every *= 2
 
     def abort(self, request_ids: list[str]) -> None:
         with self._cond:
@@ -168,13 +192,16 @@ class EngineHost:
         return failed
 
     def _result(self, out, now: float) -> WorkResult:
+        submitted = self._submitted_at.pop(out.request_id, now)
+        first = getattr(getattr(out, "metrics", None), "first_token_time", None)
         return WorkResult(
             request_id=out.request_id, text=out.text, token_ids=out.token_ids,
             finish_reason=out.finish_reason, num_prompt_tokens=out.num_prompt_tokens,
             num_cached_tokens=out.num_cached_tokens,
             num_generated_tokens=out.num_generated_tokens,
             expert_token_counts=out.expert_token_counts,
-            latency_s=now - self._submitted_at.pop(out.request_id, now), replica=self.replica,
+            latency_s=now - submitted, replica=self.replica,
+            first_token_s=None if first is None else max(0.0, first - submitted),
         )
 
     def _loop(self) -> None:
@@ -197,6 +224,7 @@ class EngineHost:
                 if self.engine.has_unfinished():
                     outputs = self.engine.step()
                     now = time.perf_counter()
+                    self._sample()
                     done += [self._result(out, now) for out in outputs]
                 if done:
                     with self._cond:

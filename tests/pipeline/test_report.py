@@ -11,10 +11,12 @@ pytest.importorskip("matplotlib")
 
 from jobs.cli import main  # noqa: E402
 from pipeline.report import coverage, error_cause, render_html  # noqa: E402
+from pipeline.request_log import read_request_logs  # noqa: E402
 from tests.jobfiles import tiny_job_text  # noqa: E402
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "sotu"
-SECTIONS = ["throughput", "latency", "prefix-cache", "merge-trees", "errors", "experts"]
+SECTIONS = ["throughput", "latency", "kv-cache", "prefix-cache", "merge-trees", "errors",
+            "experts"]
 
 
 def section(page: str, sid: str) -> str:
@@ -36,6 +38,17 @@ def test_report_of_a_run_over_examples(tiny_moe_dir, tmp_path):
     log = tmp_path / "_out.parquet.requests.arrow"
     report = tmp_path / "_out.parquet.report.html"
     assert log.exists() and report.exists()
+    # what the plots are drawn from: first-token times inside each request's span, and KV
+    # samples the replica took while it worked
+    requests, replica_stats, wall = read_request_logs([log])
+    model_rows = [r for r in requests.to_pylist() if not r["from_store"]]
+    assert model_rows
+    for r in model_rows:
+        assert r["start_s"] <= r["first_token_s"] <= r["finish_s"], r
+    samples = replica_stats[0]["kv_timeline"]
+    assert samples and all(0.0 <= u <= 1.0 for _, u, *_ in samples)
+    assert max(u for _, u, *_ in samples) > 0.0
+    assert all(-1.0 <= t <= wall + 1.0 for t, *_ in samples)  # seconds since the run began
     page = report.read_text()
     for sid in SECTIONS:
         body = section(page, sid)
@@ -46,7 +59,7 @@ def test_report_of_a_run_over_examples(tiny_moe_dir, tmp_path):
     assert "not covered" not in page  # a real run covers every chunk
     # `docpipe report` again, to a chosen file
     again = CliRunner().invoke(main, ["report", str(out), "-o", str(tmp_path / "r.html")])
-    assert again.exit_code == 0 and (tmp_path / "r.html").read_text().count("<section") == 6
+    assert again.exit_code == 0 and (tmp_path / "r.html").read_text().count("<section") == 7
 
 
 def test_coverage_flags_a_chunk_left_out_of_a_merge():
