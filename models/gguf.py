@@ -53,6 +53,9 @@ GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {
     "gemma3": GGUFArchitecture("gemma3_text", "Gemma3ForCausalLM", False, norm_shift=1.0),
 }
 SUPPORTED_GGUF_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
+# llama.cpp writes Mixtral as a llama file with `llama.expert_count` set: same q/k row order,
+# experts beside the attention (merged [E, ...] tensors, or one per expert in older files).
+MIXTRAL = GGUFArchitecture("mixtral", "MixtralForCausalLM", permuted_rotary=True, is_moe=True)
 
 _MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
@@ -465,6 +468,8 @@ def _architecture(gguf_file: GGUFFile) -> tuple[str, GGUFArchitecture]:
             f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)} GGUF files (use the model's HF safetensors "
             "checkpoint for other architectures)"
         )
+    if arch == "llama" and _meta(gguf_file, "llama.expert_count", 0):
+        return arch, MIXTRAL
     return arch, GGUF_ARCHITECTURES[arch]
 
 
@@ -523,11 +528,13 @@ def _gguf_config(gguf_file: GGUFFile) -> dict:
         config["use_sliding_window"] = False  # Qwen GGUF files carry no window
     if family.model_type == "gemma3_text":
         config |= _gemma3_config(gguf_file, arch, config)
-    if family.is_moe:
+    if family.model_type == "mixtral":
+        config |= _mixtral_config(gguf_file, arch, config)
+    elif family.is_moe:
         config |= _moe_config(gguf_file, arch, family, num_layers)
         if family.model_type == "qwen2_moe":
             config["qkv_bias"] = has_bias
-    if config["intermediate_size"] == 0 and not family.is_moe:
+    if config["intermediate_size"] == 0 and (not family.is_moe or family.model_type == "mixtral"):
         _meta(gguf_file, f"{arch}.feed_forward_length")  # raises: missing
     scaling = _rope_scaling(gguf_file, arch, rope_theta, head_dim)
     if scaling is not None:
@@ -587,6 +594,19 @@ def _moe_config(gguf_file: GGUFFile, arch: str, family: GGUFArchitecture, num_la
     return fields
 
 
+def _mixtral_config(gguf_file: GGUFFile, arch: str, config: dict) -> dict:
+    """mixtral fields. Every layer routes (HF's Mixtral has no dense layers, and a layer without
+    ffn_gate_inp is reported missing); an expert is feed_forward_length wide unless the file
+    says otherwise, as in llama.cpp."""
+    width = int(_meta(gguf_file, f"{arch}.expert_feed_forward_length", config["intermediate_size"]))
+    return {
+        "num_local_experts": int(_meta(gguf_file, f"{arch}.expert_count")),
+        "num_experts_per_tok": int(_meta(gguf_file, f"{arch}.expert_used_count")),
+        "intermediate_size": width,
+        "sliding_window": None,  # llama files carry no window
+    }
+
+
 def read_gguf_config(path: str | Path) -> dict:
     """The HF `config.json` dict a GGUF file describes, without reading its weights."""
     return _gguf_config(open_gguf(path))
@@ -635,6 +655,18 @@ GGUF_TO_HF_OVERRIDES: dict[str, dict[str, tuple[str, str | None, bool]]] = {
         "blk.{i}.attn_q_norm.weight": ("model.layers.{i}.self_attn.q_norm.weight", None, True),
         "blk.{i}.attn_k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight", None, True),
     },
+    # Mixtral's HF checkpoints name the MoE block block_sparse_moe, its experts w1 (gate),
+    # w3 (up) and w2 (down). Files converted before mid-2024 store one tensor per expert
+    # (`blk.{i}.ffn_gate.{e}.weight`), later ones one [E, rows, cols] tensor per projection.
+    "mixtral": {
+        "blk.{i}.ffn_gate_inp.weight": ("model.layers.{i}.block_sparse_moe.gate.weight", None, False),
+        **{
+            f"blk.{{i}}.ffn_{proj}{suffix}.weight": (
+                f"model.layers.{{i}}.block_sparse_moe.experts.{{e}}.{w}.weight", None, False)
+            for proj, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))
+            for suffix in ("_exps", ".{e}")
+        },
+    },
 }
 
 
@@ -645,6 +677,7 @@ def _tensor_map(model_type: str) -> dict[str, tuple[str, str | None, bool]]:
 _DENSE_MLP = ("ffn_gate", "ffn_up", "ffn_down")
 _MOE_MLP = ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
+_EXPERT_NAME = re.compile(r"(ffn_(?:gate|up|down))\.(\d+)\.weight")  # old per-expert names
 _CONSUMED = {"rope_freqs.weight"}  # folded into the config's rope_scaling
 
 
@@ -661,7 +694,8 @@ def _required_tensors(config: dict) -> list[str]:
     tensor_map = _tensor_map(config["model_type"])
     names = [t for t, (_, _, required) in tensor_map.items() if required and "{i}" not in t]
     layer_names = [t for t, (_, _, required) in tensor_map.items() if required and "{i}" in t]
-    dense_layers = set(config.get("mlp_only_layers", ())) if "num_experts" in config else None
+    is_moe = "num_experts" in config or "num_local_experts" in config
+    dense_layers = set(config.get("mlp_only_layers", ())) if is_moe else None
     for i in range(config["num_hidden_layers"]):
         names += [t.format(i=i) for t in layer_names]
         mlp = _MOE_MLP if dense_layers is not None and i not in dense_layers else _DENSE_MLP
@@ -691,9 +725,32 @@ def iter_gguf_tensors(
     holds only one extra tensor at a time instead of a second copy of the model."""
     gguf_file = open_gguf(path)
     config = _gguf_config(gguf_file)
+    tensor_map = _tensor_map(config["model_type"])
     for name in _required_tensors(config):
+        per_expert = [name.replace("_exps.", f".{e}.") for e in range(_num_experts(config))]
+        if (name.endswith("_exps.weight") and name not in gguf_file.tensors
+                and _template(name)[0].replace("_exps.", ".{e}.") in tensor_map
+                and all(n in gguf_file.tensors for n in per_expert)):
+            continue  # an older file: one tensor per expert
         _require(gguf_file, name)
     return config, _hf_tensors(gguf_file, config, dtype)
+
+
+def _num_experts(config: dict) -> int:
+    return int(config.get("num_local_experts") or config.get("num_experts") or 0)
+
+
+def _template(name: str) -> tuple[str, str | None, str | None]:
+    """(table key, layer, expert) of a GGUF tensor name: `blk.3.ffn_up.5.weight` is
+    (`blk.{i}.ffn_up.{e}.weight`, "3", "5"); a name outside the blocks is its own key."""
+    match = _LAYER_NAME.fullmatch(name)
+    if match is None:
+        return name, None, None
+    layer, rest = match.groups()
+    expert = _EXPERT_NAME.fullmatch(rest)
+    if expert is not None:
+        return f"blk.{{i}}.{expert.group(1)}.{{e}}.weight", layer, expert.group(2)
+    return f"blk.{{i}}.{rest}", layer, None
 
 
 def _hf_tensors(
@@ -702,16 +759,16 @@ def _hf_tensors(
     _, family = _architecture(gguf_file)
     num_layers = config["num_hidden_layers"]
     tensor_map = _tensor_map(family.model_type)
+    num_experts = _num_experts(config)
     count = 0
     for name in gguf_file.tensors:
-        match = _LAYER_NAME.fullmatch(name)
-        template = f"blk.{{i}}.{match.group(2)}" if match else name
+        template, layer, expert = _template(name)
         if template not in tensor_map:
             if name not in _CONSUMED:
                 logger.warning("%s: ignoring tensor %s (no HF %s equivalent)", gguf_file.path,
                                name, family.model_type)
             continue
-        if match and int(match.group(1)) >= num_layers:
+        if layer is not None and int(layer) >= num_layers:
             logger.warning(
                 "%s: ignoring tensor %s (block_count is %d)", gguf_file.path, name, num_layers
             )
@@ -723,10 +780,17 @@ def _hf_tensors(
             values -= np.float32(family.norm_shift)
         if heads_field is not None and family.permuted_rotary:
             values = unpermute_rotary_rows(values, config[heads_field])
-        hf_name = hf_template.format(i=match.group(1) if match else "", e="{e}")
+        stacked = "{e}" in hf_template and expert is None  # [E, rows, cols]
+        if expert is not None and int(expert) >= num_experts or (
+                stacked and values.shape[0] != num_experts):
+            raise ModelLoadError(
+                f"{gguf_file.path}: tensor {name} with shape {values.shape} does not fit "
+                f"expert_count {num_experts}; {_FIX_REDOWNLOAD}"
+            )
+        hf_name = hf_template.format(i=layer or "", e="{e}" if expert is None else expert)
         if template.endswith("ffn_gate_inp_shexp.weight"):
             values = values.reshape(1, -1)  # GGUF stores the [1, hidden] gate as a vector
-        if "{e}" in hf_name:  # [E, rows, cols]: one HF tensor per expert
+        if stacked:  # one HF tensor per expert
             for e, expert in enumerate(values):
                 count += 1
                 yield hf_name.format(e=e), torch.from_numpy(expert).to(dtype)
