@@ -30,8 +30,10 @@ ledger entry written last commits the run. A killed publish is finished by `reco
 A reader never sees a partial object; during the few moves of a publish it may miss the
 superseded rows of redone documents (never see a document twice).
 
-Locking: object stores have no advisory locks, so the lock is a local `flock` in the job's
-cache directory: it keeps two runs on one machine apart, not runs on two machines.
+Locking: a local `flock` in the job's cache directory keeps two runs on one machine apart;
+on S3 a lease object (`_state/lock.json`, taken and renewed with conditional writes:
+jobs.remote_lock) keeps runs on different machines apart, and a run that lost its lease does
+not publish. `_rebuild` skips the lease object.
 """
 
 from __future__ import annotations

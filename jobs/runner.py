@@ -49,12 +49,24 @@ class JobLocked(RuntimeError):
 @contextmanager
 def job_lock(output_dir: Path | str):
     """An exclusive, non-blocking lock on the job's output directory (released on exit or
-    when the process dies, so a killed run never leaves a stale lock). For a URI the lock
-    file is in the job's local cache directory (jobs.remote_state: one machine only)."""
+    when the process dies, so a killed run never leaves a stale lock); yields the S3 lease
+    or None. For a URI the local lock file is in the job's cache directory, and an s3://
+    directory also takes a lease object that every machine respects (jobs.remote_lock);
+    other schemes are locked on this machine only (logged)."""
+    lease = None
     if isinstance(output_dir, str):
+        from jobs.remote_lock import supports_lease
         from jobs.remote_state import job_cache_dir
 
         lock_path = job_cache_dir(output_dir) / ".lock"
+        if supports_lease(output_dir):
+            from jobs.remote_lock import S3Lease
+
+            lease = S3Lease(output_dir)
+        else:
+            logger.warning("%s: no cross-machine lock for this store (s3:// with boto3 has "
+                           "one: pip install boto3); runs on other machines are not kept "
+                           "apart", output_dir)
     else:
         output_dir.mkdir(parents=True, exist_ok=True)
         lock_path = output_dir / ".lock"
@@ -66,7 +78,18 @@ def job_lock(output_dir: Path | str):
             raise JobLocked(f"{output_dir}: another run of this job is in progress") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        yield
+        if lease is not None:
+            from jobs.remote_lock import LeaseHeld
+
+            try:
+                lease.acquire()
+            except LeaseHeld as exc:
+                raise JobLocked(str(exc)) from None
+        try:
+            yield lease
+        finally:
+            if lease is not None:
+                lease.release()
     finally:
         os.close(fd)
 
@@ -89,7 +112,7 @@ def run_job(spec: JobSpec, *, engine=None, pool=None,
     """Run the job once. `engine`/`pool` inject an in-process engine or a pool (tests).
     `spec.output_dir` may be a URI (s3://...; its state: jobs.remote_state)."""
     out = as_local_or_uri(spec.output_dir)
-    with job_lock(out):
+    with job_lock(out) as lease:
         state = JobState(out)
         try:
             state.recover()
@@ -133,6 +156,12 @@ def run_job(spec: JobSpec, *, engine=None, pool=None,
                 raise
             retries = max((r.get("num_retried_requests", 0) for r in replicas), default=0)
             published = None
+            if lease is not None:  # a run whose lease was taken over must not publish
+                try:
+                    lease.check()
+                except BaseException as exc:
+                    state.end_run(run_id, "failed", num_skipped=skipped, note=_error_note(exc))
+                    raise
             if stats.num_docs:  # the request log first: the ledger entry commits the run
                 log.write(_child(state.dir, f"_requests/run-{run_id:05d}.arrow"), replicas,
                           stats.wall_s)

@@ -22,11 +22,13 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from jobs.runner import JobLocked, JobRunSummary, run_job
 from jobs.spec import JobSpec
 from jobs.state import JobState
+from pipeline.fs import as_local_or_uri
 
 logger = logging.getLogger(__name__)
 
@@ -66,17 +68,17 @@ def run_schedule(
         return [_run_locked(spec, run, reraise=True)]
     if not spec.cron:
         raise ValueError(f"{spec.source}: no [schedule] cron; add one or use --once")
-    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    out = _output(spec)
     results: list[JobRunSummary | None] = []
 
     def record(tick: float) -> None:
-        state = JobState(spec.output_dir)
+        state = JobState(out)
         try:
             state.set_last_tick(spec.name, tick)
         finally:
             state.close()
 
-    state = JobState(spec.output_dir)
+    state = JobState(out)
     last = state.last_tick(spec.name)
     state.close()
     now = clock()
@@ -101,10 +103,19 @@ def run_schedule(
     return results
 
 
+def _output(spec: JobSpec) -> Path | str:
+    """The job's output directory, created if local; a URI (s3://...) as is: its state,
+    schedule ticks included, lives in objects beside the output (jobs.remote_state)."""
+    out = as_local_or_uri(spec.output_dir)
+    if isinstance(out, Path):
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _run_locked(spec: JobSpec, run: Callable[[JobSpec], JobRunSummary], *,
                 reraise: bool = False) -> JobRunSummary | None:
-    spec.output_dir.mkdir(parents=True, exist_ok=True)
-    state = JobState(spec.output_dir)
+    out = _output(spec)
+    state = JobState(out)
     try:
         last_run_id = state.last_run_id()
     finally:
@@ -116,7 +127,7 @@ def _run_locked(spec: JobSpec, run: Callable[[JobSpec], JobRunSummary], *,
         return None
     except Exception as exc:
         note = f"{type(exc).__name__}: {exc}"
-        state = JobState(spec.output_dir)
+        state = JobState(out)
         try:
             # run_job records its own failures; this covers the rest (a crash before its
             # ledger entry, or a `run` that does not keep one).

@@ -308,3 +308,110 @@ def test_publish_killed_half_way_is_finished_by_the_next_run(s3_prefix, tiny_mod
     assert "part-00002.parquet" in objects and not [k for k in objects if k.startswith(".")]
     assert not [k for k in objects if k.startswith("_state/publish-")]
     assert [r["status"] for r in JobState(spec.output_dir).ledger()] == ["ok", "killed", "ok"]
+
+
+# -- a lock across machines ----------------------------------------------------------------
+
+
+def _lock_key(prefix: str) -> tuple[str, str]:
+    bucket, key = prefix[len("s3://"):].split("/", 1)
+    return bucket, f"{key}/out/_state/lock.json"
+
+
+def foreign_lease(prefix: str, host: str = "other-machine", pid: int = 4242) -> None:
+    """What a run on another machine leaves: its lease object, just renewed."""
+    bucket, key = _lock_key(prefix)
+    body = json.dumps(dict(owner=f"{host}-{pid}", host=host, pid=pid, ttl_s=120.0, run="")).encode()
+    from jobs.remote_lock import _client
+
+    _client().put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def test_lease_keeps_a_second_machine_out_and_a_stale_one_is_taken_over(s3_prefix):
+    from jobs.remote_lock import LeaseHeld, LeaseLost, S3Lease
+
+    out = f"{s3_prefix}/out"
+    first = S3Lease(out, ttl_s=1.0)
+    first.body = json.dumps(dict(owner="a", host="machine-a", pid=1, ttl_s=1.0)).encode()
+    first.acquire()
+    first._stop.set()  # as if machine-a died: no more renewals
+    with pytest.raises(LeaseHeld, match="in progress on machine-a"):
+        S3Lease(out, ttl_s=1.0).acquire()  # the lease is fresh
+    time.sleep(2.5)  # Last-Modified has 1 s resolution: the lease is now older than its ttl
+    taker = S3Lease(out, ttl_s=30.0)
+    taker.acquire()
+    with pytest.raises(LeaseLost):
+        first.renew()
+    with pytest.raises(LeaseLost):
+        first.check()
+    taker.release()
+    assert "_state/lock.json" not in keys(out)
+    again = S3Lease(out)
+    again.acquire()
+    again.release()
+
+
+def test_job_in_bucket_refuses_to_run_beside_another_machines_run(s3_prefix, tiny_model_dir,
+                                                                  tmp_path, job_cache):
+    from jobs.runner import JobLocked, run_job
+
+    put_docs(f"{s3_prefix}/in", [4])
+    spec = make_s3_job(tmp_path, tiny_model_dir, f"{s3_prefix}/in", f"{s3_prefix}/out")
+    foreign_lease(s3_prefix)
+    with pytest.raises(JobLocked, match="other-machine"):
+        run_job(spec)
+    assert not [k for k in keys(f"{s3_prefix}/out") if k.startswith("part-")]
+    # a lease left by a killed run of this machine does not make the resume wait
+    foreign_lease(s3_prefix, host=__import__("socket").gethostname(), pid=2 ** 22 + 1)
+    assert run_job(spec).num_done == 1
+    assert "_state/lock.json" not in keys(f"{s3_prefix}/out")  # released at the end
+
+
+def test_job_that_loses_its_lease_does_not_publish(s3_prefix, tiny_model_dir, tmp_path, job_cache,
+                                                   monkeypatch):
+    import jobs.remote_lock as remote_lock
+    from jobs.runner import run_job
+    from jobs.state import JobState
+
+    monkeypatch.setattr(remote_lock, "DEFAULT_TTL_S", 0.6)  # renewals every 0.2 s
+    put_docs(f"{s3_prefix}/in", [4, 8])
+    spec = make_s3_job(tmp_path, tiny_model_dir, f"{s3_prefix}/in", f"{s3_prefix}/out")
+    seen = []
+
+    def on_progress(*args, **kwargs):  # another machine takes the lease mid-run
+        if not seen:
+            seen.append(1)
+            foreign_lease(s3_prefix)
+            time.sleep(0.8)
+
+    with pytest.raises(remote_lock.LeaseLost):
+        run_job(spec, on_progress=on_progress)
+    assert seen
+    assert not [k for k in keys(f"{s3_prefix}/out") if k.startswith("part-")]
+    assert [r["status"] for r in JobState(spec.output_dir).ledger()] == ["failed"]
+
+
+def test_schedule_of_a_job_in_bucket_keeps_its_ticks_there(s3_prefix, tiny_model_dir, tmp_path,
+                                                          job_cache):
+    from jobs.schedule import run_schedule
+    from jobs.state import JobState
+
+    put_docs(f"{s3_prefix}/in", [4])
+    path = tmp_path / "job.toml"
+    from tests.jobfiles import tiny_job_text
+
+    path.write_text(tiny_job_text(f"{s3_prefix}/in", f"{s3_prefix}/out", tiny_model_dir)
+                    + '\n[schedule]\ncron = "*/5 * * * *"\n')
+    from jobs.spec import load_job
+
+    spec = load_job(path)
+    clock = [1_800_000_000.0]  # a tick every 300 s
+
+    def sleep(s):
+        clock[0] += s
+
+    results = run_schedule(spec, max_runs=2, clock=lambda: clock[0], sleep=sleep)
+    assert [r.num_done for r in results] == [1, 0]
+    assert "_state/schedule.json" in keys(f"{s3_prefix}/out")
+    os.environ["DOCPIPE_JOB_CACHE"] = str(tmp_path / "other-machine")  # ticks come from objects
+    assert JobState(spec.output_dir).last_tick(spec.name) == clock[0]
