@@ -243,17 +243,33 @@ class Tokenizer:
         # Control tokens (<|im_start|>, <end_of_turn>) must stay whole, so they become special
         # added tokens; in a byte-level vocabulary one spelled outside the byte alphabet is a
         # converter mislabel and is skipped, as transformers does. User-defined ones (<think>,
-        # Gemma's runs of tabs) are added but not special, if the vocabulary spells them so.
+        # Gemma's runs of tabs) are added but not special, if the vocabulary spells them so,
+        # except end-of-turn markers: some converters type <end_of_turn> user-defined, and
+        # llama.cpp makes it a control (stop) token by its text, as done here; so is a token
+        # the file names as end of turn or message, whatever its type.
+        extra_stops = [
+            meta[key] for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+            if isinstance(meta.get(key), int) and 0 <= meta[key] < len(tokens)
+        ]
+        named_ends = {tokens[i] for i in extra_stops}
+
+        def is_control(token: str, token_type: int) -> bool:
+            return token_type == GGUF_CONTROL or token in named_ends or (
+                token_type == GGUF_USER_DEFINED and token in END_OF_TURN_TOKENS)
+
+        controls = {
+            token for token, token_type in zip(tokens, token_types, strict=True)
+            if is_control(token, token_type) and (is_whole is None or is_whole(token))
+        }
         backend.add_special_tokens([
             AddedToken(token, special=True, normalized=False)
-            for token, token_type in zip(tokens, token_types, strict=True)
-            if token_type == GGUF_CONTROL and (is_whole is None or is_whole(token))
+            for token in tokens if token in controls
         ])
         known = backend.get_vocab(with_added_tokens=True)
         backend.add_tokens([
             AddedToken(token, special=False, normalized=False)
             for token, token_type in zip(tokens, token_types, strict=True)
-            if token_type == GGUF_USER_DEFINED and token in known
+            if token_type == GGUF_USER_DEFINED and token in known and token not in controls
         ])
 
         def token_at(key: str) -> str | None:
@@ -269,10 +285,6 @@ class Tokenizer:
             single=single,
             special_tokens=[(t, vocab[t]) for t in dict.fromkeys(single) if t != "$A"],
         )
-        extra_stops = [
-            meta[key] for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-            if isinstance(meta.get(key), int)
-        ]
         template = meta.get("tokenizer.chat_template")
         if template is None and meta.get("general.architecture") in GEMMA_ARCHITECTURES:
             # Gemma base-model files often carry none (transformers then has none either), while
