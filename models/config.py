@@ -1,8 +1,9 @@
 """Model configuration, in Hugging Face `config.json` field names.
 
 One dataclass covers the decoder-only families docpipe serves (llama, mistral, qwen2, qwen3,
-gemma3 text; mixtral, qwen2_moe, qwen3_moe): they share the skeleton (RMSNorm, RoPE, GQA
-attention, gated MLP) and differ in a handful of fields, so loading a checkpoint is a direct
+gemma3 text; mixtral, qwen2_moe, qwen3_moe; deepseek_v3, whose multi-head latent attention
+is `models/mla.py`): they share the skeleton (RMSNorm, RoPE, attention, gated MLP) and
+differ in a handful of fields, so loading a checkpoint is a direct
 mapping of its `config.json`. Where an HF config class has defaults of its own that its
 `config.json` may leave out (Gemma 3's nested `text_config` lists only what differs), they are
 filled in from `HF_DEFAULTS` first.
@@ -20,7 +21,7 @@ from models.errors import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe",
-    "docpipe_moe",
+    "docpipe_moe", "deepseek_v3",
 )
 # docpipe_moe: what `docpipe moefy --gate hard` writes (models/moefy.py): the llama skeleton
 # with MoE FFNs whose chosen experts weigh 1 and an always-on (ungated) shared expert; only
@@ -42,6 +43,17 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-6, tie_word_embeddings=True, query_pre_attn_scalar=256,
         sliding_window=4096, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
         eos_token_id=1, bos_token_id=2,
+    ),
+    # DeepseekV3Config's; its rope_interleave (True) matches DeepSeek's own checkpoints,
+    # whose config.json predates the field.
+    "deepseek_v3": dict(
+        vocab_size=129_280, hidden_size=7168, intermediate_size=18_432,
+        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+        n_shared_experts=1, n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512,
+        q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8,
+        topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3, norm_topk_prob=True,
+        max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
+        rope_interleave=True,
     ),
 }
 
@@ -100,6 +112,19 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     n_routed_experts: int | None = None
     n_shared_experts: int = 0
+    # DeepSeek-V3: layers below first_k_dense_replace have a dense MLP (intermediate_size).
+    first_k_dense_replace: int = 0
+    # Multi-head latent attention (deepseek_v3, models/mla.py); kv_lora_rank 0: not MLA.
+    # Per token the cache holds the normalised KV latent (kv_lora_rank) and one rope key
+    # (qk_rope_head_dim) shared by all heads; q_lora_rank None: q is one projection.
+    # head_dim is qk_rope_head_dim there (the rotary dim, as in DeepseekV3Config).
+    # rope_interleave: the rope dims come as pairs (x0, x1), (x2, x3), ... (DeepSeek's layout).
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
     # docpipe's own: hard_gate weighs every chosen expert 1; shared_expert_gated False drops
     # qwen2_moe's sigmoid gate on the shared expert (always on, as DeepSeek's).
     hard_gate: bool = False
@@ -116,6 +141,19 @@ class ModelConfig:
             )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.kv_lora_rank:
+            for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, name) <= 0:
+                    raise ValueError(f"{name}={getattr(self, name)} must be positive with "
+                                     f"kv_lora_rank={self.kv_lora_rank} (MLA)")
+            if self.qk_rope_head_dim % 2:
+                raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
+            if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+                raise ValueError(f"q_lora_rank={self.q_lora_rank} must be positive (or None)")
+            self.head_dim = self.qk_rope_head_dim  # the rotary dim, as DeepseekV3Config sets
+        elif self.model_type == "deepseek_v3":
+            raise ValueError("kv_lora_rank=0: deepseek_v3 needs its MLA fields "
+                             "(kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim)")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.moe_intermediate_size is None:
@@ -179,25 +217,37 @@ class ModelConfig:
             if kind not in ("full_attention", "sliding_attention"):
                 raise ValueError(f"layer_types entry {kind!r} is not supported; "
                                  "use full_attention or sliding_attention")
+        if self.is_mla and "sliding_attention" in self.layer_types:
+            raise ValueError("sliding_attention layers are not supported with MLA "
+                             f"(kv_lora_rank={self.kv_lora_rank}); use full_attention")
         if self.num_local_experts and not 0 < self.num_experts_per_tok <= self.num_local_experts:
             raise ValueError(
                 f"num_experts_per_tok={self.num_experts_per_tok} must be in "
                 f"1..num_local_experts={self.num_local_experts}"
             )
-        if self.rope_scaling and self.rope_scaling.get("rope_type", "default") not in (
-            "default",
-            "llama3",
-            "linear",
-        ):
+        rope_types = ("default", "llama3", "linear") + (("yarn",) if self.is_mla else ())
+        if self.rope_scaling and self.rope_scaling.get("rope_type", "default") not in rope_types:
             raise ValueError(
-                f"rope_scaling type {self.rope_scaling.get('rope_type')!r} is not supported; "
-                "supported: default, linear, llama3"
+                f"rope_scaling type {self.rope_scaling.get('rope_type')!r} is not supported "
+                f"for {self.model_type}; supported: {', '.join(rope_types)}"
             )
 
     # -- derived ---------------------------------------------------------------------------
     @property
     def is_moe(self) -> bool:
         return self.num_local_experts > 0
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def kv_cache_entry(self) -> tuple[int, int, int]:
+        """What the KV cache holds per token and layer: (tensors, heads, dim). K and V of
+        every KV head, or for MLA one latent "head" (kv_lora_rank + qk_rope_head_dim)."""
+        if self.is_mla:
+            return 1, 1, self.kv_lora_rank + self.qk_rope_head_dim
+        return 2, self.num_key_value_heads, self.head_dim
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -234,6 +284,7 @@ class ModelConfig:
     def is_moe_layer(self, layer_id: int) -> bool:
         return (
             self.is_moe
+            and layer_id >= self.first_k_dense_replace
             and layer_id not in self.mlp_only_layers
             and (layer_id + 1) % self.decoder_sparse_step == 0
         )
@@ -304,6 +355,9 @@ class ModelConfig:
             kwargs["attention_bias"] = raw.get("attention_bias", False)
         if model_type == "mixtral":
             kwargs["norm_topk_prob"] = True  # mixtral always renormalises the top-k weights
+        if model_type == "deepseek_v3":
+            # DeepseekV3's gate is always this one, whatever the config says
+            kwargs.update(scoring_func="sigmoid", topk_method="noaux_tc")
         if model_type == "qwen3_moe" and "num_local_experts" not in raw:
             kwargs["num_local_experts"] = raw.get("num_experts", 0)
         if model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
@@ -366,6 +420,13 @@ def tiny_config(model_type: str = "llama", **overrides: Any) -> ModelConfig:
     if model_type == "qwen3_moe":
         base.update(head_dim=32, num_local_experts=4, num_experts_per_tok=2,
                     moe_intermediate_size=32, norm_topk_prob=True)
+    if model_type == "deepseek_v3":
+        base.update(
+            kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+            q_lora_rank=48, rope_interleave=True, n_routed_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
+            topk_group=1, scoring_func="sigmoid", topk_method="noaux_tc",
+        )
     if model_type == "gemma3_text":
         base.update(
             head_dim=32, hidden_act="gelu_pytorch_tanh", sliding_window=16,

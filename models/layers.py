@@ -157,8 +157,47 @@ def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
 ACT_MUL = {"silu": silu_mul, "gelu_pytorch_tanh": gelu_tanh_mul}
 
 
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention-temperature factor for a context stretched `scale` times."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(config: ModelConfig, scaling: dict) -> tuple[torch.Tensor, float]:
+    """YaRN (deepseek_v3): dims that turn fewer than beta_slow times over the original
+    context are interpolated (divided by factor), those over beta_fast kept, a linear ramp
+    between; cos/sin are multiplied by mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+    (the softmax scale takes mscale(factor, mscale_all_dim)**2, see models.mla). As
+    transformers computes it, in fp32."""
+    dim, base = config.head_dim, config.rope_theta
+    old_ctx = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+    factor = scaling.get("factor") or config.max_position_embeddings / old_ctx
+    attention_factor = scaling.get("attention_factor")
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        return dim * math.log(old_ctx / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: extrapolate (the original frequency), 0: interpolate
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq, float(attention_factor)
+
+
 def _rope_inv_freq(config: ModelConfig, local: bool = False) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies for the rotary dims, with llama3/linear scaling applied; computed
+    """Inverse frequencies for the rotary dims, with llama3/linear/yarn scaling applied; computed
     in fp32 as the reference computes them (fp64 gives other last bits: 1 ulp on 1/3 of
     SmolLM2's frequencies, enough to change 486 of its 164K bf16 cos/sin values at 1.5K-4K).
     `local`: the sliding layers' base (rope_local_base_freq), unscaled (gemma3)."""
@@ -180,6 +219,9 @@ def _rope_inv_freq(config: ModelConfig, local: bool = False) -> tuple[torch.Tens
         mid = (1 - smooth) * scaled / factor + smooth * scaled
         is_mid = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         inv_freq = torch.where(is_mid, mid, scaled)
+    elif kind == "yarn":
+        inv_freq, attention_factor = _yarn_inv_freq(config, scaling)
+        return inv_freq.float(), attention_factor
     return inv_freq.float(), 1.0
 
 

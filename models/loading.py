@@ -8,6 +8,11 @@ names onto docpipe's parameters, some of which are fused:
     experts.{e}.gate_proj | up_proj   -> mlp.w13[e]           (mixtral: w1 | w3)
     experts.{e}.down_proj             -> mlp.w2[e]            (mixtral: w2)
 
+An MLA model (deepseek_v3) reads its attention tensors through `MLA_WEIGHT_RENAMES` first
+(its q_proj is not the fused qkv one); its gate's `e_score_correction_bias` is set as the
+block's selection bias, and the multi-token-prediction layers past num_hidden_layers are
+skipped (as transformers skips them).
+
 Every parameter element must be written exactly once, so a missing tensor is detected without
 a list of expected names. Nothing is unpickled: `.bin`/`.pt` checkpoints are refused.
 """
@@ -63,8 +68,24 @@ WEIGHT_RENAMES: list[tuple[re.Pattern[str], str]] = [
          "layers.{l}.mlp.shared_expert.gate_up_proj.weight"),
         (_L + r"mlp\.shared_expert\.down_proj\.weight", "layers.{l}.mlp.shared_expert.down_proj.weight"),
         (_L + r"mlp\.shared_expert_gate\.weight", "layers.{l}.mlp.shared_expert_gate.weight"),
+        # deepseek_v3: n_shared_experts fused into one ungated shared expert
+        (_L + r"mlp\.shared_experts\.(?P<part>gate|up)_proj\.weight",
+         "layers.{l}.mlp.shared_expert.gate_up_proj.weight"),
+        (_L + r"mlp\.shared_experts\.down_proj\.weight",
+         "layers.{l}.mlp.shared_expert.down_proj.weight"),
     ]
 ]
+# Multi-head latent attention (models.mla): tried before WEIGHT_RENAMES for MLA models.
+MLA_WEIGHT_RENAMES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(p), t)
+    for p, t in [
+        (_L + r"self_attn\.(?P<n>q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+         r"\.(?P<w>weight|bias)", "layers.{l}.self_attn.{n}.{w}"),
+        (_L + r"self_attn\.(?P<n>q_a_layernorm|kv_a_layernorm)\.weight",
+         "layers.{l}.self_attn.{n}.weight"),
+    ]
+]
+_SELECTION_BIAS = re.compile(_L + r"mlp\.gate\.e_score_correction_bias")
 _PART_INDEX = {"q": 0, "k": 1, "v": 2, "gate": 0, "up": 1, "w1": 0, "w3": 1}
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -99,9 +120,10 @@ def _target_view(model: TransformerLM, config: ModelConfig, target: str, e: str 
     return param, view
 
 
-def _rename(name: str) -> tuple[dict[str, str | None], str] | None:
-    """(regex groups, docpipe parameter name) for an HF tensor name, or None if unknown."""
-    for pattern, template in WEIGHT_RENAMES:
+def _rename(name: str, mla: bool = False) -> tuple[dict[str, str | None], str] | None:
+    """(regex groups, docpipe parameter name) for an HF tensor name, or None if unknown;
+    `mla`: the model's attention is models.mla's."""
+    for pattern, template in (MLA_WEIGHT_RENAMES if mla else []) + WEIGHT_RENAMES:
         m = pattern.fullmatch(name)
         if m:
             groups = m.groupdict()
@@ -118,7 +140,18 @@ def load_state_dict(
     for name, tensor in tensors:
         if _IGNORED.match(name):
             continue
-        match = _rename(name)
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        if config.is_mla and layer and int(layer.group(1)) >= config.num_hidden_layers:
+            continue  # DeepSeek-V3's multi-token-prediction module: not used for decoding
+        bias = _SELECTION_BIAS.fullmatch(name)
+        if bias and config.is_moe_layer(int(bias["l"])):
+            mlp = model.layers[int(bias["l"])].mlp
+            if tuple(tensor.shape) != (mlp.num_experts,):
+                raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                     f"the config expects ({mlp.num_experts},)")
+            mlp.set_selection_bias(tensor)
+            continue
+        match = _rename(name, config.is_mla)
         if match is None:
             logger.warning("%s: ignoring unknown tensor %s", source, name)
             continue

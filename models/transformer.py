@@ -1,5 +1,6 @@
-"""Decoder-only transformer for llama / mistral / qwen2 / qwen3 / gemma3 text (dense) and
-mixtral / qwen2_moe / qwen3_moe (MoE).
+"""Decoder-only transformer for llama / mistral / qwen2 / qwen3 / gemma3 text (dense),
+mixtral / qwen2_moe / qwen3_moe (MoE) and deepseek_v3 (MoE after `first_k_dense_replace` dense
+layers; multi-head latent attention, `models.mla`).
 
 The forward pass takes a flat batch of tokens ([N], many sequences concatenated) with their
 positions and an `AttentionMetadata`, and returns hidden states [N, hidden]. Logits are computed
@@ -19,6 +20,7 @@ from torch import nn
 from models.attention import Attention, AttentionMetadata
 from models.config import ModelConfig
 from models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, empty_param, linear
+from models.mla import MLAttention
 from models.moe import RouteStats, SparseMoeBlock
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -27,7 +29,7 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer_id)
+        self.self_attn = MLAttention(config, layer_id) if config.is_mla else Attention(config, layer_id)
         self.is_moe = config.is_moe_layer(layer_id)
         self.mlp: nn.Module = (
             SparseMoeBlock(config)

@@ -4,7 +4,9 @@ Owns the KV cache tensors, one per KV cache group (the layers that share a windo
 `kv_cache_groups`): per layer of group g, K and V of shape [num_kv_heads, num_blocks[g] *
 block_size, head_dim] (slot = block_id * block_size + offset in that group's pool).
 Head-major keeps each head's keys for a run of consecutive blocks contiguous, so a sequence
-with a consecutive block table is read in place. Each group has its own slot mapping and
+with a consecutive block table is read in place. An MLA model (deepseek_v3, `models.mla`)
+keeps one latent entry per token and layer instead: [1, num_blocks * block_size,
+kv_lora_rank + qk_rope_head_dim], with a zero-size V (`ModelConfig.kv_cache_entry`). Each group has its own slot mapping and
 spans per step (`AttentionMetadata.by_window`); a model with one group has one of each, as
 before groups existed.
 """
@@ -43,11 +45,12 @@ def kv_cache_groups(config: ModelConfig) -> list[KVCacheGroup]:
 def kv_bytes_per_token(model: TransformerLM, kv_dtype: torch.dtype | None = None,
                        num_layers: int | None = None) -> int:
     """K and V bytes of one token over all layers (or `num_layers` of them), in `kv_dtype`
-    (default: the model's)."""
+    (default: the model's); for MLA the latent entry's bytes."""
     c = model.config
     elem = torch.finfo(kv_dtype or model.dtype).bits // 8
     layers = c.num_hidden_layers if num_layers is None else num_layers
-    return 2 * layers * c.num_key_value_heads * c.head_dim * elem
+    num_tensors, num_heads, dim = c.kv_cache_entry
+    return num_tensors * layers * num_heads * dim * elem
 
 
 class ModelRunner:
@@ -64,14 +67,17 @@ class ModelRunner:
         self.num_blocks = num_blocks if len(num_blocks) > 1 else num_blocks[0]
         self.group_kv_caches: list[torch.Tensor] = []
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [None] * c.num_hidden_layers
+        num_tensors, num_heads, dim = c.kv_cache_entry
         for group, n in zip(self.groups, num_blocks):
-            shape = (len(group.layer_ids), 2, c.num_key_value_heads, n * block_size, c.head_dim)
+            shape = (len(group.layer_ids), num_tensors, num_heads, n * block_size, dim)
             # Not zeroed: a slot is always written before it is read, and untouched pages of
             # a large CPU allocation cost no memory.
             t = torch.empty(shape, dtype=kv_dtype or model.dtype, device=model.device)
             self.group_kv_caches.append(t)
             for j, layer_id in enumerate(group.layer_ids):
-                self.kv_caches[layer_id] = (t[j, 0], t[j, 1])
+                # MLA: no V (the latent is both); a zero-size view keeps the (K, V) pair shape
+                v = t[j, 1] if num_tensors == 2 else t[j, 0, :, :, :0]
+                self.kv_caches[layer_id] = (t[j, 0], v)
             logger.info(
                 "KV cache%s: %d blocks x %d tokens = %d tokens, %d layers, %s, %.1f MiB",
                 "" if len(self.groups) == 1 else f" (window {group.window})", n, block_size,
