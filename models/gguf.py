@@ -278,8 +278,8 @@ class GGUFFile:
     tensors: dict[str, GGUFTensorInfo]
     buffer: mmap.mmap
 
-    def read_tensor(self, name: str) -> np.ndarray:
-        """The dequantized tensor as a fresh, writable float32 array in torch order."""
+    def check_tensor(self, name: str) -> TensorFormat:
+        """The tensor's format, once its type, shape and extent are known to be readable."""
         info = self.tensors[name]
         fmt = TENSOR_FORMATS.get(info.ggml_type)
         if fmt is None:
@@ -294,12 +294,18 @@ class GGUFFile:
                 f"{self.path}: tensor {name} with shape {info.shape} does not split into "
                 f"{fmt.name} blocks of {fmt.block_size}; {_FIX_REDOWNLOAD}"
             )
-        num_blocks = info.num_elements // fmt.block_size
-        if info.offset + num_blocks * fmt.type_size > len(self.buffer):
+        if info.offset + info.num_elements // fmt.block_size * fmt.type_size > len(self.buffer):
             raise ModelLoadError(
                 f"{self.path}: tensor {name} runs past the end of the file (truncated?); "
                 f"{_FIX_REDOWNLOAD}"
             )
+        return fmt
+
+    def read_tensor(self, name: str) -> np.ndarray:
+        """The dequantized tensor as a fresh, writable float32 array in torch order."""
+        fmt = self.check_tensor(name)
+        info = self.tensors[name]
+        num_blocks = info.num_elements // fmt.block_size
         blocks = np.frombuffer(
             self.buffer, np.uint8, num_blocks * fmt.type_size, info.offset
         ).reshape(num_blocks, fmt.type_size)
@@ -483,6 +489,12 @@ def _gguf_config(gguf_file: GGUFFile) -> dict:
             "safetensors checkpoint instead"
         )
     _require(gguf_file, "token_embd.weight")
+    # From the header alone, so a truncated download or an unreadable quantization is refused
+    # when the model is described (before a run starts), not when a replica loads it.
+    tensor_map = _tensor_map(family.model_type)
+    for name in gguf_file.tensors:
+        if _template(name)[0] in tensor_map or name in _CONSUMED:
+            gguf_file.check_tensor(name)
     hidden_size = int(_meta(gguf_file, f"{arch}.embedding_length"))
     num_heads = int(_meta(gguf_file, f"{arch}.attention.head_count"))
     num_kv_heads = _meta(gguf_file, f"{arch}.attention.head_count_kv", num_heads)
