@@ -183,6 +183,8 @@ class MLAttention(nn.Module):
         kv = self.kv_b_proj(keys[:, :L], fixed_k).view(T, H, dn + self.v_dim)
         k = torch.cat((kv[..., :dn], keys[:, None, L:].expand(T, H, R)), dim=-1)
         v = kv[..., dn:]
+        if self.v_dim < dn + R:  # equal head dims take SDPA's flash kernel (2x measured)
+            v = F.pad(v, (0, dn + R - self.v_dim))
         mask = None
         if Tq != T:  # queries after earlier keys: causal from the bottom right
             q_pos = torch.arange(T - Tq, T, device=q.device).unsqueeze(1)
@@ -191,7 +193,7 @@ class MLAttention(nn.Module):
             q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
             v.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None and Tq > 1,
             scale=self.scale)
-        return o[0].transpose(0, 1)
+        return o[0, ..., : self.v_dim].transpose(0, 1)
 
     def _attend_absorbed(self, q: torch.Tensor, keys: list[torch.Tensor],
                          fixed_k: bool) -> torch.Tensor:
