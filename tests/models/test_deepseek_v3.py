@@ -43,7 +43,7 @@ VARIANTS = {
                       n_group=2, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=False),
 }
 SEQ_LEN = 40
-PROMPT_LENS = [5, 17, 40, 70]
+PROMPT_LENS = [5, 23, 70]
 NUM_NEW = 12
 
 
@@ -381,3 +381,20 @@ def test_mtp_layers_are_skipped(checkpoints, tmp_path):
     ids = _ids(1, 12, 4)
     with torch.no_grad():
         torch.testing.assert_close(model.logits_dense(ids), ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_latent_cache_and_bf16_compute(checkpoints):
+    """kv_cache_dtype bfloat16 under fp32 halves the latent bytes; a bf16 model runs the
+    paged engine (both forms) and stays near the fp32 logits."""
+    path, _ = checkpoints["q_lora_yarn"]
+    fp32 = load_model(path, dtype="float32").model
+    bf16 = load_model(path, dtype="bfloat16").model
+    ids = _ids(1, 30, 5)
+    torch.testing.assert_close(bf16.logits_dense(ids), fp32.logits_dense(ids), atol=0.1, rtol=0)
+    prompts = [ids[0].tolist(), ids[0, :11].tolist()]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    half = make_engine(fp32, kv_cache_dtype="bfloat16")
+    assert half.stats()["kv_bytes_per_token"] == make_engine(fp32).stats()["kv_bytes_per_token"] // 2
+    for engine in (half, make_engine(bf16, block_size=4, max_num_batched_tokens=16)):
+        outs = run_all(engine, prompts, params)
+        assert [o.num_generated_tokens for o in outs] == [6, 6]
