@@ -6,9 +6,9 @@ block_size, head_dim] (slot = block_id * block_size + offset in that group's poo
 Head-major keeps each head's keys for a run of consecutive blocks contiguous, so a sequence
 with a consecutive block table is read in place. An MLA model (deepseek_v3, `models.mla`)
 keeps one latent entry per token and layer instead: [1, num_blocks * block_size,
-kv_lora_rank + qk_rope_head_dim], with a zero-size V (`ModelConfig.kv_cache_entry`). Each group has its own slot mapping and
-spans per step (`AttentionMetadata.by_window`); a model with one group has one of each, as
-before groups existed.
+kv_lora_rank + qk_rope_head_dim], with a zero-size V (`ModelConfig.kv_cache_entry`). Each
+group has its own slot mapping and spans per step (`AttentionMetadata.by_window`); a model
+with one group has one of each, as before groups existed.
 """
 
 from __future__ import annotations
