@@ -356,6 +356,12 @@ class ModelConfig:
         if model_type == "mixtral":
             kwargs["norm_topk_prob"] = True  # mixtral always renormalises the top-k weights
         if model_type == "deepseek_v3":
+            quant = raw.get("quantization_config")
+            if quant:  # DeepSeek's own weights are fp8 blocks with scales: refused, not misread
+                raise ModelLoadError(
+                    f"{source}: quantization_config {quant.get('quant_method', quant)!r} is not "
+                    "supported; docpipe loads deepseek_v3 safetensors in F32/F16/BF16 "
+                    "(convert fp8 weights to bf16 first)")
             # DeepseekV3's gate is always this one, whatever the config says
             kwargs.update(scoring_func="sigmoid", topk_method="noaux_tc")
         if model_type == "qwen3_moe" and "num_local_experts" not in raw:

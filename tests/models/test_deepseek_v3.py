@@ -362,6 +362,9 @@ def test_yarn_only_for_mla_and_mla_fields_checked():
                                   "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(ModelLoadError, match="v_head_dim=0 must be positive"):
         ModelConfig.from_hf_dict({"model_type": "deepseek_v3", "v_head_dim": 0})
+    with pytest.raises(ModelLoadError, match="quantization_config 'fp8' is not supported"):
+        ModelConfig.from_hf_dict({"model_type": "deepseek_v3", "quantization_config": {
+            "quant_method": "fp8", "weight_block_size": [128, 128]}})
 
 
 def test_mtp_layers_are_skipped(checkpoints, tmp_path):
