@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 
 import numpy as np
 import torch
@@ -287,49 +288,72 @@ def packed_rows(buffer, offset: int, ggml_type: int, shape: tuple[int, int]) -> 
 
 
 def pack_gguf_weights(model: nn.Module, path, hf_config: dict, dtype: torch.dtype):
-    """Replace `model`'s linear layers (and its embedding table) whose GGUF tensors are of a
-    PACKED_TYPES type by packed ones holding the file's blocks; returns the iterator of the
-    other HF-named tensors, dequantized as `models.gguf.iter_gguf_tensors` yields them, for
-    `load_state_dict`. A fused layer is packed only when all its parts are packable; other
-    types (F32/F16, Q2_K, Q3_K, ...) are dequantized at load, and the log line says so."""
+    """Replace `model`'s linear layers (and its embedding table, and MoE experts) whose GGUF
+    tensors are of a PACKED_TYPES type by packed ones holding the file's blocks; returns the
+    iterator of the other HF-named tensors, dequantized as `models.gguf.iter_gguf_tensors`
+    yields them, for `load_state_dict`. A fused layer is packed only when all its parts are
+    packable, a layer's experts only when all of them are (then `mlp.w13` / `mlp.w2` become
+    lists of per-expert PackedWeights, which the MoE block indexes as it indexes the dense
+    [E, N, K] parameters); other types (F32/F16, Q2_K, Q3_K, ...) are dequantized at load,
+    and the log line says so."""
     from models import gguf
     from models.loading import _PART_INDEX, _rename
 
     gguf_file = gguf.open_gguf(path)
     _, family = gguf._architecture(gguf_file)
+    tensor_map = gguf._tensor_map(family.model_type)
     num_layers = hf_config["num_hidden_layers"]
-    plan: dict[str, dict[int, tuple[int, np.ndarray, str]]] = {}
+    num_experts = gguf._num_experts(hf_config)
+    # (docpipe parameter, expert or None) -> part index -> (ggml type, rows, GGUF name)
+    plan: dict[tuple[str, str | None], dict[int, tuple[int, np.ndarray, str]]] = {}
     unpacked: dict[str, int] = {}
     for name, info in gguf_file.tensors.items():
-        match = gguf._LAYER_NAME.fullmatch(name)
-        template = f"blk.{{i}}.{match.group(2)}" if match else name
-        entry = gguf.GGUF_TO_HF.get(template)
-        if entry is None or "{e}" in entry[0] or (match and int(match.group(1)) >= num_layers):
+        template, layer, expert = gguf._template(name)
+        entry = tensor_map.get(template)
+        if entry is None or (layer is not None and int(layer) >= num_layers):
             continue
-        renamed = _rename(entry[0].format(i=match.group(1) if match else ""))
-        if renamed is None:
+        stacked = "{e}" in entry[0] and expert is None  # [E, rows, cols]
+        if stacked and (len(info.shape) != 3 or info.shape[0] != num_experts):
+            continue  # the dequantizing path raises the error that names it
+        targets = []
+        for e in range(num_experts) if stacked else [expert]:
+            renamed = _rename(entry[0].format(i=layer or "", e=e))
+            if renamed is None:
+                continue
+            groups, target = renamed
+            if not (target.endswith(("_proj.weight", ".mlp.w13", ".mlp.w2"))
+                    or target in ("lm_head.weight", "embed_tokens")):
+                continue
+            if target == "lm_head.weight" and getattr(model, "lm_head", None) is None:
+                continue
+            targets.append((groups, target, None if e is None else str(e)))
+        if not targets:
             continue
-        groups, target = renamed
-        if not (target.endswith("_proj.weight") or target in ("lm_head.weight", "embed_tokens")):
-            continue
-        if target == "lm_head.weight" and getattr(model, "lm_head", None) is None:
-            continue
-        if not packable(info.ggml_type, info.shape):
+        shape = info.shape[1:] if stacked else info.shape
+        if not packable(info.ggml_type, shape):
             type_name = gguf._type_name(info.ggml_type)
             unpacked[type_name] = unpacked.get(type_name, 0) + 1
             continue
         _, block_size, type_size = PACKED_TYPES[info.ggml_type]
         if info.offset + info.num_elements // block_size * type_size > len(gguf_file.buffer):
             continue  # truncated: the dequantizing reader raises the error that names it
-        rows = packed_rows(gguf_file.buffer, info.offset, info.ggml_type, info.shape)
+        rows = packed_rows(gguf_file.buffer, info.offset, info.ggml_type,
+                           (math.prod(info.shape[:-1]), info.shape[-1]))
         heads_field = entry[1]
         if heads_field is not None and family.permuted_rotary:
             rows = gguf.unpermute_rotary_rows(rows, hf_config[heads_field])
-        part = groups.get("part")
-        plan.setdefault(target, {})[_PART_INDEX[part] if part else 0] = (info.ggml_type, rows, name)
+        for groups, target, e in targets:
+            part = groups.get("part")
+            expert_rows = rows[int(e) * shape[0] : (int(e) + 1) * shape[0]] if stacked else rows
+            plan.setdefault((target, e), {})[_PART_INDEX[part] if part else 0] = (
+                info.ggml_type, expert_rows, name)
 
     packed_names: set[str] = set()
-    for target, parts in plan.items():
+    experts: dict[str, dict[int, dict[int, tuple[int, np.ndarray, str]]]] = {}
+    for (target, e), parts in plan.items():
+        if e is not None:
+            experts.setdefault(target, {})[int(e)] = parts
+            continue
         is_embedding = target == "embed_tokens"
         module_name = target.removesuffix(".weight")
         if is_embedding:
@@ -338,20 +362,9 @@ def pack_gguf_weights(model: nn.Module, path, hf_config: dict, dtype: torch.dtyp
             module = model.get_submodule(module_name)
             dense = module.weight
         expected = 3 if ".qkv_proj." in target else 2 if ".gate_up_proj." in target else 1
-        if len(parts) != expected or not isinstance(dense, torch.Tensor):
+        weight = _packed_weight(parts, expected, dense, dtype)
+        if weight is None:
             continue
-        ordered = [parts[i] for i in range(expected)]
-        if sum(r.shape[0] for _, r, _ in ordered) != dense.shape[0]:
-            continue  # shape mismatch: the dequantizing path raises the error naming it
-        segments: list[tuple[int, list[np.ndarray]]] = []
-        for ggml_type, rows, _ in ordered:  # merge neighbouring parts of one type
-            if segments and segments[-1][0] == ggml_type:
-                segments[-1][1].append(rows)
-            else:
-                segments.append((ggml_type, [rows]))
-        weight = PackedWeight(
-            [(t, torch.from_numpy(np.concatenate(rs)).to(dense.device)) for t, rs in segments],
-            dense.shape[1], dtype)
         if is_embedding:
             del model.embed_tokens  # a Parameter: unregister it before a module takes the name
             model.embed_tokens = weight
@@ -359,7 +372,20 @@ def pack_gguf_weights(model: nn.Module, path, hf_config: dict, dtype: torch.dtyp
             parent_name, _, child = module_name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, PackedLinear(weight, module.bias))
-        packed_names.update(name for _, _, name in ordered)
+        packed_names.update(name for _, _, name in parts.values())
+    for target, by_expert in experts.items():
+        parent_name, _, child = target.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        dense = getattr(parent, child, None)
+        if not isinstance(dense, torch.Tensor) or sorted(by_expert) != list(range(dense.shape[0])):
+            continue
+        expected = 2 if child == "w13" else 1
+        weights = [_packed_weight(by_expert[e], expected, dense[e], dtype) for e in sorted(by_expert)]
+        if any(w is None for w in weights):
+            continue
+        delattr(parent, child)  # the [E, N, K] Parameter
+        setattr(parent, child, nn.ModuleList(weights))
+        packed_names.update(name for parts in by_expert.values() for _, _, name in parts.values())
     logger.info("%s: %d tensors kept packed (%.1f MiB)%s", path, len(packed_names),
                 packed_bytes(model) / 2**20,
                 "; dequantized at load: " + ", ".join(f"{n} {t}" for t, n in unpacked.items())
@@ -368,6 +394,27 @@ def pack_gguf_weights(model: nn.Module, path, hf_config: dict, dtype: torch.dtyp
                          {n: i for n, i in gguf_file.tensors.items() if n not in packed_names},
                          gguf_file.buffer)
     return gguf._hf_tensors(rest, hf_config, dtype)
+
+
+def _packed_weight(parts: dict[int, tuple[int, np.ndarray, str]], expected: int,
+                   dense: torch.Tensor, dtype: torch.dtype) -> PackedWeight | None:
+    """The PackedWeight of a dense [N, K] weight from its `expected` parts (row blocks in part
+    order), or None when a part is missing or the rows do not add up (the dequantizing path
+    then raises the error that names the tensor)."""
+    if len(parts) != expected or not isinstance(dense, torch.Tensor):
+        return None
+    ordered = [parts[i] for i in range(expected)]
+    if sum(r.shape[0] for _, r, _ in ordered) != dense.shape[0]:
+        return None
+    segments: list[tuple[int, list[np.ndarray]]] = []
+    for ggml_type, rows, _ in ordered:  # merge neighbouring parts of one type
+        if segments and segments[-1][0] == ggml_type:
+            segments[-1][1].append(rows)
+        else:
+            segments.append((ggml_type, [rows]))
+    return PackedWeight(
+        [(t, torch.from_numpy(np.concatenate(rs)).to(dense.device)) for t, rs in segments],
+        dense.shape[1], dtype)
 
 
 QUANTIZATIONS = ("auto", "gguf", "none")

@@ -7,7 +7,8 @@ router as `blk.N.ffn_gate_inp`, the experts w1/w3/w2 stacked into `ffn_gate_exps
 tensors existed, one `blk.N.ffn_gate.E.weight` per expert. docpipe reads it back as `mixtral`:
 the config and the HF tensors equal the checkpoint's, and the logits are transformers' (F32).
 A Q8_0 file (norms and router left F32, as llama.cpp leaves them) gives exactly the
-dequantized weights, and the logits of transformers running those weights, packed or not.
+dequantized weights, and the logits of transformers running those weights, dequantized at
+load or kept packed (the experts too: per-expert PackedWeights).
 
 transformers 5.24's own GGUF loader is no second reference here: it reads `llama` files as
 LlamaForCausalLM whatever `llama.expert_count` says (its TENSOR_PROCESSORS and config mapping
@@ -28,7 +29,7 @@ from gguf import GGMLQuantizationType as Q
 from models.config import ModelConfig
 from models.gguf import iter_gguf_tensors, load_gguf, read_gguf_config
 from models.loading import build_model, load_model, load_state_dict
-from models.quant import PackedLinear, pack_gguf_weights
+from models.quant import PackedLinear, PackedWeight, pack_gguf_weights
 from tests.models.test_gguf import llama_cpp_permute, one_line_error, write_gguf
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
@@ -117,9 +118,11 @@ def gguf_files(checkpoint, tmp_path_factory):
         files[layout] = out / f"tiny-mixtral-{layout}.gguf"
         write_gguf(files[layout], "llama", mixtral_gguf_tensors(hf, layout == "per_expert"),
                    mixtral_metadata(config))
-    files["q8_0"] = out / "tiny-mixtral-q8_0.gguf"
-    write_gguf(files["q8_0"], "llama", quantized(mixtral_gguf_tensors(hf, False), Q.Q8_0),
-               mixtral_metadata(config))
+    for layout in ("merged", "per_expert"):  # Q8_0 blocks are per row: the same either way
+        files[f"q8_0_{layout}"] = out / f"tiny-mixtral-q8_0-{layout}.gguf"
+        write_gguf(files[f"q8_0_{layout}"], "llama",
+                   quantized(mixtral_gguf_tensors(hf, layout == "per_expert"), Q.Q8_0),
+                   mixtral_metadata(config))
     return files
 
 
@@ -176,7 +179,7 @@ def dequantized_reference(checkpoint, gguf_files, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     path, hf, _, _ = checkpoint
-    reader = gguf.GGUFReader(str(gguf_files["q8_0"]))
+    reader = gguf.GGUFReader(str(gguf_files["q8_0_merged"]))
     stored = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
     merged = mixtral_gguf_tensors(hf, per_expert=False)
     inverse = {}  # GGUF name -> HF name(s), undoing the permutation on the dequantized rows
@@ -215,10 +218,12 @@ def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return pairs.transpose(0, 2, 1, 3).reshape(weight.shape)
 
 
-def test_q8_0_file_is_its_dequantized_weights(checkpoint, gguf_files, dequantized_reference):
+@pytest.mark.parametrize("layout", ["merged", "per_expert"])
+def test_q8_0_file_is_its_dequantized_weights(checkpoint, gguf_files, dequantized_reference, layout):
     _, hf, _, _ = checkpoint
     want_state, ref = dequantized_reference
-    _, state = load_gguf(gguf_files["q8_0"])
+    path = gguf_files[f"q8_0_{layout}"]
+    _, state = load_gguf(path)
     assert set(state) == set(want_state)
     for name, want in want_state.items():
         assert torch.equal(state[name], torch.from_numpy(want)), name
@@ -226,11 +231,21 @@ def test_q8_0_file_is_its_dequantized_weights(checkpoint, gguf_files, dequantize
                               hf["model.layers.0.block_sparse_moe.experts.1.w2.weight"])
     with torch.no_grad():
         want = ref(ids()).logits
-    torch.testing.assert_close(docpipe_model(gguf_files["q8_0"]).logits_dense(ids()), want,
+    torch.testing.assert_close(docpipe_model(path).logits_dense(ids()), want,
                                atol=1e-4, rtol=1e-4)
-    packed = docpipe_model(gguf_files["q8_0"], packed=True)
+    packed = docpipe_model(path, packed=True)
     assert isinstance(packed.layers[0].self_attn.qkv_proj, PackedLinear)
+    for layer in packed.layers:  # every expert kept as the file's blocks
+        for weights, rows in ((layer.mlp.w13, 2 * 96), (layer.mlp.w2, 64)):
+            assert len(weights) == NUM_EXPERTS and all(
+                isinstance(w, PackedWeight) and w.shape[0] == rows for w in weights)
+    w1 = torch.from_numpy(want_state["model.layers.1.block_sparse_moe.experts.2.w1.weight"])
+    assert torch.equal(packed.layers[1].mlp.w13[2].dequantize()[:96], w1)
     torch.testing.assert_close(packed.logits_dense(ids()), want, atol=1e-4, rtol=1e-4)
+    short = ids()[:1, :6]  # at most 16 rows per matmul: the native decode kernel's path
+    with torch.no_grad():
+        want_short = ref(short).logits
+    torch.testing.assert_close(packed.logits_dense(short), want_short, atol=1e-4, rtol=1e-4)
 
 
 def test_expert_count_mismatch_and_missing_expert(checkpoint, gguf_files, tmp_path):
