@@ -206,6 +206,10 @@ class PackedWeight(nn.Module):
     def nbytes(self) -> int:
         return sum(p.numel() for _, p, _, _ in self.segments())
 
+    def numel(self) -> int:
+        """Values of the [N, K] weight, as a dense tensor's numel (parameter counts)."""
+        return self.out_features * self.in_features
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole [N, K] weight (tests, references)."""
         return torch.cat([dequantize_rows(t, p, self.in_features, dtype or self.dtype)

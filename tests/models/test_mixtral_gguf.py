@@ -239,6 +239,7 @@ def test_q8_0_file_is_its_dequantized_weights(checkpoint, gguf_files, dequantize
         for weights, rows in ((layer.mlp.w13, 2 * 96), (layer.mlp.w2, 64)):
             assert len(weights) == NUM_EXPERTS and all(
                 isinstance(w, PackedWeight) and w.shape[0] == rows for w in weights)
+    assert packed.layers[0].mlp.w13[0].numel() == 2 * 96 * 64  # as the dense [2I, H] slice's
     w1 = torch.from_numpy(want_state["model.layers.1.block_sparse_moe.experts.2.w1.weight"])
     assert torch.equal(packed.layers[1].mlp.w13[2].dequantize()[:96], w1)
     torch.testing.assert_close(packed.logits_dense(ids()), want, atol=1e-4, rtol=1e-4)
