@@ -106,11 +106,73 @@ def prefill_tok_s(model, ids, repeats: int = 3) -> float:
     return flat.numel() / best
 
 
-def greedy(path: str, prompts: list[list[int]], num_tokens: int) -> list[list[int]]:
+def oracle_gate(block):
+    """Stands in for a hard-gate MoE block's router: each token's "logits" are the log of
+    every expert's true activation mass on it (sum over its neurons of |silu(g) * u| times
+    the down column's norm, moefy's own measure), so the chosen K are the K that carry the
+    most mass. Costs the dense FFN: a bound on what any router can do with this partition."""
+    import torch
+
+    col_norms = block.w2.detach().float().norm(dim=1)  # [E, I]
+    w13 = block.w13.detach().float()
+
+    class OracleGate(torch.nn.Module):
+        def forward(self, x, fixed_k=False):
+            gu = torch.einsum("nh,eoh->eno", x.float(), w13)  # [E, N, 2I]
+            g, u = gu.chunk(2, dim=-1)
+            mass = (torch.nn.functional.silu(g) * u).abs().mul(col_norms[:, None, :]).sum(-1)
+            return mass.T.clamp_min(1e-30).log()  # [N, E]
+
+    return OracleGate()
+
+
+def with_top_neurons(loaded, fraction: float):
+    """The dense model keeping, per token and layer, only the `fraction` of FFN neurons with
+    the most activation mass: the bound of any MoE (any partition, any router) that runs
+    that fraction of the neurons."""
+    import torch
+
+    from models.layers import GatedMLP
+
+    def forward_of(m):
+        norms = m.down_proj.weight.detach().float().norm(dim=0)
+
+        def forward(x, fixed_k=False):
+            h = m.act_mul(m.gate_up_proj(x, fixed_k))
+            k = int(round(fraction * h.shape[-1]))
+            if k < h.shape[-1]:
+                idx = (h.abs() * norms).topk(k, dim=-1).indices
+                h = torch.zeros_like(h).scatter_(-1, idx, h.gather(-1, idx))
+            return m.down_proj(h, fixed_k)
+        return forward
+
+    for m in loaded.model.modules():
+        if isinstance(m, GatedMLP):
+            m.forward = forward_of(m)
+    return loaded
+
+
+def active_fraction(E: int, K: int, S: int, intermediate: int) -> float:
+    return (S + K / E * (intermediate - S)) / intermediate
+
+
+def with_oracle_router(loaded):
+    from models.moe import SparseMoeBlock
+
+    blocks = [m for m in loaded.model.modules() if isinstance(m, SparseMoeBlock)]
+    assert blocks and all(b.hard for b in blocks), "the oracle router is for hard-gate models"
+    for b in blocks:
+        b.gate = oracle_gate(b)
+    return loaded
+
+
+def greedy(path, prompts: list[list[int]], num_tokens: int) -> list[list[int]]:
     from models import LLM, SamplingParams
     from models.loading import load_model
 
-    llm = LLM(load_model(path, dtype="float32", quantization="none"), batch_invariant=True)
+    loaded = path if not isinstance(path, str) else load_model(path, dtype="float32",
+                                                               quantization="none")
+    llm = LLM(loaded, batch_invariant=True)
     params = SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
     return [list(o.token_ids) for o in llm.generate(prompts, params)]
 
@@ -134,6 +196,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4, help="held-out greedy prompts")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved prefill rounds")
     ap.add_argument("--repeats", type=int, default=3, help="timed prefills per round")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also score each hard-gate model with the oracle router (the bound "
+                         "of its partition: experts chosen by their true activation mass)")
     ap.add_argument("--only", default=None,
                     help="make and measure one label's quality (e.g. dense), then stop")
     args = ap.parse_args()
@@ -179,6 +244,32 @@ def main() -> None:
         results[label] = {"eval": last, "perplexity": float(last.split()[1]), "greedy": tokens}
         results_path.write_text(json.dumps(results))
         print(f"{label}: {last}", flush=True)
+    if args.oracle:
+        from models.evaluate import perplexity
+
+        for label, path in list(candidates):
+            if not label.startswith("hard") or f"{label} oracle" in results:
+                continue
+            loaded = with_oracle_router(load_model(path, dtype="float32", quantization="none"))
+            ppl = perplexity(loaded.model, held_ids, 1024, args.eval_tokens)
+            results[f"{label} oracle"] = {
+                "eval": f"perplexity: {ppl.perplexity:.4f} over {ppl.num_tokens} tokens",
+                "perplexity": ppl.perplexity, "greedy": greedy(loaded, prompts, args.greedy_tokens)}
+            results_path.write_text(json.dumps(results))
+            print(f"{label} oracle: perplexity {ppl.perplexity:.2f}", flush=True)
+        intermediate = load_model(MODEL, dtype="float32", quantization="none").config.intermediate_size
+        fractions = sorted({active_fraction(*(int(v) for v in s.split(",")), intermediate)
+                            for s in args.settings})
+        for f in fractions:
+            key = f"top {f:.1%} neurons"
+            if key in results:
+                continue
+            loaded = with_top_neurons(load_model(MODEL, dtype="float32", quantization="none"), f)
+            ppl = perplexity(loaded.model, held_ids, 1024, args.eval_tokens)
+            results[key] = {"perplexity": ppl.perplexity, "fraction": f,
+                            "greedy": greedy(loaded, prompts, args.greedy_tokens)}
+            results_path.write_text(json.dumps(results))
+            print(f"dense, {key} per token: perplexity {ppl.perplexity:.2f}", flush=True)
     if args.only is not None:
         return
     models = {label: load_model(path, dtype="float32", quantization="none")
@@ -202,6 +293,16 @@ def main() -> None:
         print(f"| {label} | {r['perplexity']:.2f} ({r['perplexity'] / d['perplexity']:.2f}x) | "
               f"{agree:.1%} | {flops / 1e6:.1f} ({flops / d_flops:.2f}x) | "
               f"{speed[label]:.0f} ({speed[label] / speed['dense']:.2f}x) |")
+        if f"{label} oracle" in results:  # same partition, the best choice of experts
+            o = results[f"{label} oracle"]
+            print(f"| {label}, oracle router (bound) | {o['perplexity']:.2f} "
+                  f"({o['perplexity'] / d['perplexity']:.2f}x) | "
+                  f"{agreement(o['greedy'], d['greedy']):.1%} | (dense FFN cost) | - |")
+    for key, r in results.items():  # the bound of any MoE at each active fraction
+        if key.startswith("top "):
+            print(f"| dense, {key} per token (bound of any MoE) | {r['perplexity']:.2f} "
+                  f"({r['perplexity'] / d['perplexity']:.2f}x) | "
+                  f"{agreement(r['greedy'], d['greedy']):.1%} | (dense FFN cost) | - |")
 
 
 if __name__ == "__main__":

@@ -185,7 +185,8 @@ def balanced_kmeans(features: torch.Tensor, num_clusters: int, seed: int,
         if torch.equal(new_t, assign):
             break
         assign = new_t
-        centroids = torch.stack([f[assign == c].mean(0) for c in range(num_clusters)])
+        # the members' sum points where their mean does (normalised next): one pass over f
+        centroids = torch.zeros_like(centroids).index_add_(0, assign, f)
         centroids = torch.nn.functional.normalize(centroids, dim=1)
     return assign, iters
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,9 +44,9 @@ def _run(*args):
     return result
 
 
-def _moefy(dense, store, out, *extra):
-    result = _run("moefy", dense, "-o", out, "--calibration", store, "--samples", 40,
-                  "--sample-tokens", 32, *extra)
+def _moefy(dense, store, out, *extra, samples=40, sample_tokens=32):
+    result = _run("moefy", dense, "-o", out, "--calibration", store, "--samples", samples,
+                  "--sample-tokens", sample_tokens, *extra)
     assert result.exit_code == 0, result.output
     return out
 
@@ -148,3 +149,63 @@ def test_moefy_errors(dense, store, tmp_path):
     assert "Error: --shared-neurons 0 / --experts 5: the 96 - 0 routed neurons" in r.output
     r = _run("eval", dense, "--data", tmp_path / "missing")
     assert r.exit_code == 1 and "Error: input" in r.output and "does not exist" in r.output
+
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _code_and_prose() -> tuple[list[str], list[str]]:
+    """Two code texts (this project's own sources) and two prose texts (the examples'
+    speeches), about 3,000 characters each."""
+    code = [(ROOT / f).read_text()[:3000] for f in ("models/moe.py", "pipeline/chunking.py")]
+    sotu = sorted((ROOT / "examples/sotu").glob("*.txt"))
+    return code, [sotu[0].read_text()[:3000], sotu[-1].read_text()[:3000]]
+
+
+def _expert_distribution(loaded, texts: list[str]) -> torch.Tensor:
+    model = loaded.model
+    for layer in model.layers:
+        if layer.is_moe:
+            layer.mlp.expert_counts.zero_()
+    with torch.inference_mode():
+        for text in texts:
+            model.logits_dense(torch.tensor([loaded.tokenizer.encode(text)]))
+    # per layer: expert e of one layer has nothing to do with expert e of another
+    counts = torch.stack([layer.mlp.expert_counts for layer in model.layers if layer.is_moe])
+    counts = counts.double()
+    return counts / counts.sum(dim=1, keepdim=True)  # [L, E]
+
+
+def _js(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen-Shannon divergence of two [L, E] per-layer distributions, averaged over L."""
+    m = (p + q) / 2
+
+    def kl(a, b):
+        return (a * (a.clamp_min(1e-12) / b.clamp_min(1e-12)).log()).sum(dim=1)
+
+    return float(((kl(p, m) + kl(q, m)) / 2).mean())
+
+
+@pytest.mark.slow
+def test_code_and_prose_land_on_different_experts(tmp_path):
+    """The real SmolLM2, moefied on a little code and prose: the two kinds of text use
+    measurably different experts, per layer: nearer their own kind than the other."""
+    from models.registry import SMOLLM2_NAME
+
+    code, prose = _code_and_prose()
+    store = tmp_path / "calibration"
+    store.mkdir()
+    for i, text in enumerate(code + prose):
+        (store / f"doc{i}.txt").write_text(text)
+    out = _moefy(SMOLLM2_NAME, store, tmp_path / "moe", "--experts", 8, "--top-k", 2,
+                 "--shared-neurons", 0, samples=32, sample_tokens=64)
+    loaded = load_model(out, dtype="float32")
+    dists = {f"{kind}{i}": _expert_distribution(loaded, [text])
+             for kind, texts in (("code", code), ("prose", prose)) for i, text in enumerate(texts)}
+    # each text's experts are nearer the other text of its kind than either text of the
+    # other kind (per-layer Jensen-Shannon divergence)
+    for name, dist in dists.items():
+        same = [_js(dist, d) for n, d in dists.items() if n != name and n[:4] == name[:4]]
+        other = [_js(dist, d) for n, d in dists.items() if n[:4] != name[:4]]
+        assert max(same) < min(other), (name, same, other)
