@@ -225,7 +225,13 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     for f in files:
-        with safe_open(str(f), framework="pt") as handle:
+        try:
+            handle = safe_open(str(f), framework="pt")
+        except Exception as exc:  # safetensors' own error type: a damaged or cut file
+            raise ModelLoadError(
+                f"{f}: not a readable safetensors file ({str(exc).splitlines()[0]}); "
+                f"re-download or re-save the checkpoint") from None
+        with handle:
             for key in handle.keys():
                 yield key, handle.get_tensor(key)
 

