@@ -21,12 +21,28 @@ class TokenParams:
     dense: int  # the same with every expert active (= active for dense models)
 
 
+def attention_params(config) -> int:
+    """Projection weights of one attention layer: GQA's q/k/v/o, or MLA's (DeepSeek-V3:
+    the q LoRA or q projection, the joint kv down-projection with the rope key, the kv
+    up-projection, o), as the plain (prefill) form multiplies through them."""
+    h = config.hidden_size
+    if getattr(config, "is_mla", False):
+        heads = config.num_attention_heads
+        qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+        q = (h * config.q_lora_rank + config.q_lora_rank * heads * qk if config.q_lora_rank
+             else h * heads * qk)
+        kv_down = h * (config.kv_lora_rank + config.qk_rope_head_dim)
+        kv_up = config.kv_lora_rank * heads * (config.qk_nope_head_dim + config.v_head_dim)
+        return q + kv_down + kv_up + heads * config.v_head_dim * h
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    return h * q + 2 * h * kv + q * h
+
+
 def params_per_token(config) -> TokenParams:
     """From a models.config.ModelConfig (HF field names)."""
     h = config.hidden_size
-    q = config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
-    attention = h * q + 2 * h * kv + q * h
+    attention = attention_params(config)
     ffn_mult = 3  # gate, up, down (SwiGLU / GeGLU)
     active = dense = h * config.vocab_size  # LM head
     for layer in range(config.num_hidden_layers):

@@ -127,3 +127,22 @@ def test_moe_chunks_carry_tokens_per_expert_and_rows_their_flops(tiny_moe_dir, t
     assert all(c["expert_tokens"] is None for c in long["chunks"])
     assert 0 < short["active_flops"] < short["dense_flops"]  # top-2 of 4 experts
     assert 0 < long["active_flops"] == long["dense_flops"]
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 24])
+def test_params_per_token_counts_an_mla_model(q_lora_rank):
+    """DeepSeek-V3's attention is MLA: its projections (q LoRA or q, the kv down- and
+    up-projections, o) are counted, not GQA's formula over head_dim."""
+    import dataclasses
+
+    from models.config import tiny_config
+    from models.transformer import TransformerLM
+    from pipeline.accounting import params_per_token
+
+    config = dataclasses.replace(tiny_config("deepseek_v3"), q_lora_rank=q_lora_rank)
+    model = TransformerLM(config)
+    total = sum(w.numel() for n, w in model.named_parameters()
+                if w.dim() >= 2 and "embed" not in n)
+    if model.lm_head is None:
+        total += model.embed_tokens.numel()
+    assert params_per_token(config).dense == total
