@@ -118,6 +118,9 @@ class SparseMoeBlock(nn.Module):
             "e_score_correction_bias", torch.zeros(E, dtype=torch.float32), persistent=False
         )
         self.has_selection_bias = False  # set by whoever writes the bias (skips an add if not)
+        # DeepSeek-V3's router computes its logits in fp32 (inputs and weight cast up), as
+        # transformers' DeepseekV3TopkRouter does: bf16 logits can pick other experts.
+        self.fp32_router = config.scoring_func == "sigmoid"
         self.last_router_logits: torch.Tensor | None = None
 
     def set_selection_bias(self, bias: torch.Tensor) -> None:
@@ -130,7 +133,10 @@ class SparseMoeBlock(nn.Module):
     ) -> torch.Tensor:
         """fixed_k: batch-invariant reductions (see `models.layers.linear`)."""
         N, H = x.shape
-        router_logits = self.gate(x, fixed_k)  # [N, E]
+        if self.fp32_router and x.dtype != torch.float32 and isinstance(self.gate.weight, torch.Tensor):
+            router_logits = linear(x.float(), self.gate.weight.float(), None, fixed_k)
+        else:
+            router_logits = self.gate(x, fixed_k)  # [N, E]
         self.last_router_logits = router_logits if keep_logits else None
         weights, expert_ids = route(
             router_logits, self.top_k, scoring_func=self.scoring_func,

@@ -110,3 +110,17 @@ def test_v3_config_fields_validated():
                       moe_intermediate_size=16, hidden_size=64, num_attention_heads=4)
     assert cfg.num_local_experts == 8 and cfg.shared_expert_intermediate_size == 32
     assert not cfg.shared_expert_gated
+
+
+def test_v3_router_logits_are_fp32_in_a_bf16_block():
+    """As transformers' DeepseekV3TopkRouter: the logits come from fp32 inputs and weight,
+    so a bf16 model picks the experts its fp32 router scores would pick."""
+    cfg, hf = _hf_v3_moe(0, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                         n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True)
+    ours = _ours_from(cfg, hf).to(torch.bfloat16)
+    x = torch.randn(33, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.no_grad():
+        ours(x, keep_logits=True)
+    want = torch.nn.functional.linear(x.float(), ours.gate.weight.float())
+    assert ours.last_router_logits.dtype == torch.float32
+    assert torch.equal(ours.last_router_logits, want)
