@@ -262,9 +262,14 @@ def prefill_flops(model, num_tokens: int) -> float:
 def decode_weight_bytes(model) -> int:
     """Bytes a decode step reads in weights: every parameter once (an untied embedding table
     is only gathered from, so it does not count)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    from models.quant import PackedWeight, packed_bytes
+
+    # weights kept as GGUF blocks (PackedWeight modules) are not parameters: their blocks
+    total = sum(p.numel() * p.element_size() for p in model.parameters()) + packed_bytes(model)
     if getattr(model, "lm_head", None) is not None:
-        total -= model.embed_tokens.numel() * model.embed_tokens.element_size()
+        embed = model.embed_tokens
+        total -= embed.nbytes() if isinstance(embed, PackedWeight) else (
+            embed.numel() * embed.element_size())
     return total
 
 
