@@ -31,7 +31,8 @@ def ray_pids() -> set[int]:
         cmd = " ".join(p.info["cmdline"] or [])
         if "ray" in cmd and ("raylet" in cmd or "gcs_server" in cmd or "ray::" in cmd
                              or "default_worker" in cmd or "dashboard" in cmd or "log_monitor" in cmd
-                             or "monitor.py" in cmd or "runtime_env" in cmd or "ray/_private" in cmd):
+                             or "monitor.py" in cmd or "runtime_env" in cmd or "ray/_private" in cmd
+                             or "ray.util.client.server" in cmd):  # the head's client proxy
             pids.add(p.info["pid"])
     return pids
 
