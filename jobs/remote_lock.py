@@ -105,23 +105,31 @@ class S3Lease:
 
     # -- taking and giving back --------------------------------------------------------------
     def acquire(self) -> None:
-        try:
-            self.etag = self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=self.body,
-                                           IfNoneMatch="*")["ETag"]
-        except Exception as exc:
-            if not _precondition_failed(exc):
-                raise
+        if not self._create():
             self._take_over_if_stale()
         self._renewer = threading.Thread(target=self._renew_loop, daemon=True,
                                          name=f"lease {self.uri}")
         self._renewer.start()
+
+    def _create(self) -> bool:
+        """Write the lease if there is none (If-None-Match: *); False if there is one."""
+        try:
+            self.etag = self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=self.body,
+                                           IfNoneMatch="*")["ETag"]
+        except Exception as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
+        return True
 
     def _take_over_if_stale(self) -> None:
         try:
             got = self.s3.get_object(Bucket=self.bucket, Key=self.key)
         except Exception as exc:
             if _code(exc) in ("NoSuchKey", "404"):  # released between our put and get
-                return self.acquire_once()
+                if self._create():
+                    return
+                raise LeaseHeld(f"{self.uri}: another run of this job is in progress") from None
             raise
         holder = _read_json(got["Body"].read())
         age = _server_age_s(got)
@@ -140,15 +148,6 @@ class S3Lease:
         except Exception as exc:
             if _precondition_failed(exc):
                 raise LeaseHeld(f"{self.uri}: another run took over the stale lease first") from None
-            raise
-
-    def acquire_once(self) -> None:
-        try:
-            self.etag = self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=self.body,
-                                           IfNoneMatch="*")["ETag"]
-        except Exception as exc:
-            if _precondition_failed(exc):
-                raise LeaseHeld(f"{self.uri}: another run of this job is in progress") from None
             raise
 
     def renew(self) -> None:

@@ -125,3 +125,18 @@ def assert_chat_like_transformers(ours, hf, conversations) -> None:
             assert ours.apply_chat_template(messages, add_generation_prompt=add, tokenize=False) == want
             want_ids = hf(want, add_special_tokens=False)["input_ids"]
             assert ours.apply_chat_template(messages, add_generation_prompt=add) == want_ids
+
+
+def assert_breakage_moves_logits(path: Path, ref, breakage, seq_len: int) -> None:
+    """docpipe's model at `path` equals the transformers reference `ref` (1e-4, fp32), and
+    `breakage(model)` (one feature switched off) moves the logits by more than 1e-3: the
+    parity tests would catch that feature going missing."""
+    from models.loading import load_model
+
+    model = load_model(path, dtype="float32").model
+    ids = torch.randint(0, 256, (1, seq_len), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(ids).logits
+    torch.testing.assert_close(model.logits_dense(ids), want, atol=1e-4, rtol=1e-4)
+    breakage(model)
+    assert (model.logits_dense(ids) - want).abs().max() > 1e-3

@@ -23,6 +23,7 @@ from models.errors import ModelLoadError
 from models.loading import load_model
 from models.mla import MLAttention
 from tests.models.engine.helpers import greedy_reference, make_engine, run_all, tiny_model
+from tests.models.hf_reference import assert_breakage_moves_logits
 
 _YARN = dict(rope_type="yarn", rope_theta=10_000.0, factor=4.0,
              original_max_position_embeddings=128, beta_fast=32, beta_slow=1,
@@ -155,13 +156,7 @@ def _no_kv_norm(model):
 ], ids=lambda x: getattr(x, "__name__", x))
 def test_each_feature_changes_the_output(checkpoints, variant, breakage):
     path, ref = checkpoints[variant]
-    model = load_model(path, dtype="float32").model
-    ids = _ids(1, SEQ_LEN, 2)
-    with torch.no_grad():
-        want = ref(ids).logits
-    torch.testing.assert_close(model.logits_dense(ids), want, atol=1e-4, rtol=1e-4)
-    breakage(model)
-    assert (model.logits_dense(ids) - want).abs().max() > 1e-3
+    assert_breakage_moves_logits(path, ref, breakage, SEQ_LEN)
 
 
 # -- the absorbed decode form equals the plain form ----------------------------------------

@@ -18,7 +18,11 @@ from models.engine.sampling import SamplingParams
 from models.errors import ModelLoadError
 from models.loading import load_model
 from tests.models.engine.helpers import make_engine, run_all
-from tests.models.hf_reference import NEW_ARCH_VARIANTS, make_new_arch_checkpoint
+from tests.models.hf_reference import (
+    NEW_ARCH_VARIANTS,
+    assert_breakage_moves_logits,
+    make_new_arch_checkpoint,
+)
 
 SEQ_LEN = 48  # longer than the window (16) of the windowed variants
 PROMPT_LENS = [5, 17, 40, 70]  # 40 and 70: past the window, 70 over several blocks
@@ -204,13 +208,7 @@ def _no_sandwich_norms(model):
 ], ids=lambda x: getattr(x, "__name__", x))
 def test_each_feature_changes_the_output(checkpoints, variant, breakage):
     path, ref = checkpoints[variant]
-    model = load_model(path, dtype="float32").model
-    ids = _ids(1, SEQ_LEN, 2)
-    with torch.no_grad():
-        want = ref(ids).logits
-    torch.testing.assert_close(model.logits_dense(ids), want, atol=1e-4, rtol=1e-4)
-    breakage(model)
-    assert (model.logits_dense(ids) - want).abs().max() > 1e-3
+    assert_breakage_moves_logits(path, ref, breakage, SEQ_LEN)
 
 
 # -- config mapping ------------------------------------------------------------------------
