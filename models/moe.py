@@ -90,7 +90,8 @@ class RouteStats:
     """Per-sequence expert accounting for one forward pass."""
 
     token_seq_ids: torch.Tensor  # [N] which sequence (row of counts) each token belongs to
-    counts: torch.Tensor  # [B, E] int64, accumulated over all MoE layers
+    counts: torch.Tensor  # [B, L, E] int64: per sequence, MoE layer (SparseMoeBlock.moe_index)
+    # and expert
 
 
 class SparseMoeBlock(nn.Module):
@@ -118,6 +119,7 @@ class SparseMoeBlock(nn.Module):
             "e_score_correction_bias", torch.zeros(E, dtype=torch.float32), persistent=False
         )
         self.has_selection_bias = False  # set by whoever writes the bias (skips an add if not)
+        self.moe_index = 0  # this block's place among the model's MoE layers (set by the model)
         # DeepSeek-V3's router computes its logits in fp32 (inputs and weight cast up), as
         # transformers' DeepseekV3TopkRouter does: bf16 logits can pick other experts.
         self.fp32_router = config.scoring_func == "sigmoid"
@@ -150,8 +152,9 @@ class SparseMoeBlock(nn.Module):
         self.expert_counts += counts
         if route_stats is not None:
             seq_ids = route_stats.token_seq_ids.repeat_interleave(self.top_k)
+            layer_ids = torch.full_like(flat_ids, self.moe_index)
             route_stats.counts.index_put_(
-                (seq_ids, flat_ids), torch.ones_like(flat_ids), accumulate=True
+                (seq_ids, layer_ids, flat_ids), torch.ones_like(flat_ids), accumulate=True
             )
 
         order = torch.argsort(flat_ids, stable=True)

@@ -89,6 +89,10 @@ class TransformerLM(nn.Module):
         ]
         layer_cls = Gemma3DecoderLayer if config.is_gemma else DecoderLayer
         self.layers = nn.ModuleList(layer_cls(config, i) for i in range(config.num_hidden_layers))
+        moe_blocks = [layer.mlp for layer in self.layers if layer.is_moe]
+        for i, block in enumerate(moe_blocks):
+            block.moe_index = i
+        self.num_moe_layers = len(moe_blocks)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.is_gemma)
         self.lm_head = None if config.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size

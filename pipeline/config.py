@@ -156,6 +156,8 @@ class _RunMethods:
         `weights_hash`: one hash (one pool) or pool name -> hash. A one-pool run without
         routes hashes as before pools existed; otherwise every pool and rule is covered."""
         data = {s.name: getattr(self, s.name) for s in SETTINGS if s.output and s.scope == "run"}
+        if not data.get("expert_tokens_per_layer"):  # off: fingerprints as before it existed
+            data.pop("expert_tokens_per_layer", None)
         pools = self.pool_configs()
         hashes = weights_hash if isinstance(weights_hash, dict) else {
             pools[0].name: weights_hash}

@@ -9,7 +9,7 @@ One row per input document (OUTPUT_SCHEMA):
 | status | string | `ok` or `error` |
 | error | string, null when ok | what went wrong, naming the input and the cause |
 | summary | string, null on error | the document's final output |
-| chunks | list<struct<index int32, token_start int64, token_end int64, char_start int64, char_end int64, output string, pool string, model string, expert_tokens list<int64>>> | per-chunk outputs; offsets index the document's tiktoken tokens and text; `pool` and `model` made the output; `expert_tokens`: an MoE's tokens per expert for that output's request, summed over layers |
+| chunks | list<struct<index int32, token_start int64, token_end int64, char_start int64, char_end int64, output string, pool string, model string, expert_tokens list<int64>, expert_tokens_per_layer list<list<int64>>>> | per-chunk outputs; offsets index the document's tiktoken tokens and text; `pool` and `model` made the output; `expert_tokens`: an MoE's tokens per expert for that output's request, summed over layers; `expert_tokens_per_layer`: the same per MoE layer (null unless `expert_tokens_per_layer` is set) |
 | num_tokens | int64 | tiktoken tokens in the document |
 | num_chunks | int32 | number of chunks |
 | model | string | model id |
@@ -71,6 +71,8 @@ CHUNK_STRUCT = pa.struct(
         pa.field("pool", pa.string()),  # the pool and model that produced `output`
         pa.field("model", pa.string()),
         pa.field("expert_tokens", pa.list_(pa.int64())),  # MoE: the chunk's tokens per expert
+        # MoE with expert_tokens_per_layer: the same per MoE layer, [layer][expert]
+        pa.field("expert_tokens_per_layer", pa.list_(pa.list_(pa.int64()))),
     ]
 )
 MERGE_STRUCT = pa.struct(

@@ -153,6 +153,7 @@ class _DocState:
     plan: dict[str, str]  # rule stage -> pool, fixed when the document is chunked
     chunk_pools: dict[int, str] = field(default_factory=dict)  # chunk -> pool of its output
     chunk_experts: dict[int, list[int]] = field(default_factory=dict)  # chunk -> tokens per expert
+    chunk_layer_experts: dict[int, list[list[int]]] = field(default_factory=dict)  # [layer][expert]
     active_flops: int = 0
     dense_flops: int = 0
     merge_pools: dict[tuple[int, int], str] = field(default_factory=dict)  # (level, group)
@@ -330,6 +331,9 @@ class PipelineRunner:
             state.chunk_pools[req.index] = pool
             if res.expert_token_counts is not None:
                 state.chunk_experts[req.index] = list(res.expert_token_counts)
+            per_layer = getattr(res, "expert_token_counts_per_layer", None)
+            if self.config.expert_tokens_per_layer and per_layer is not None:
+                state.chunk_layer_experts[req.index] = [list(r) for r in per_layer]
         if res.error:
             self._fail(state, f"{req.stage} request for chunk {req.index}: {res.error}", write)
             return
@@ -401,6 +405,7 @@ class PipelineRunner:
             dict(index=c.index, token_start=c.token_start, token_end=c.token_end,
                  char_start=c.char_start, char_end=c.char_end, output=st.chunk_outputs[c.index],
                  expert_tokens=state.chunk_experts.get(c.index),
+                 expert_tokens_per_layer=state.chunk_layer_experts.get(c.index),
                  **named(state.chunk_pools.get(c.index)))
             for c in st.chunks
         ]

@@ -103,6 +103,9 @@ SETTINGS: tuple[Setting, ...] = (
        "dequantizes at load; auto: none under batch invariance (faster prefill), else packed "
        "on CPU.", "model", scope="pool", output=True, choices=("auto", "gguf", "none")),
     # chunking
+    _S("expert_tokens_per_layer", bool, False, "MoE models: each chunk entry also records "
+       "its tokens per expert for every MoE layer (chunks[].expert_tokens_per_layer).",
+       "model", output=True),
     _S("chunk_tokens", int, 2048, "Chunk size in tiktoken tokens.", "chunking", output=True,
        minimum=16),
     _S("overlap", int, 256, "Overlap between chunks in tokens.", "chunking", output=True,

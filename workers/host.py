@@ -56,6 +56,7 @@ class WorkResult:
     num_cached_tokens: int = 0
     num_generated_tokens: int = 0
     expert_token_counts: list[int] | None = None
+    expert_token_counts_per_layer: list[list[int]] | None = None  # [MoE layer][expert]
     latency_s: float = 0.0
     first_token_s: float | None = None  # submit to first generated token (prefill + queueing)
     replica: int = -1
@@ -200,6 +201,7 @@ class EngineHost:
             num_cached_tokens=out.num_cached_tokens,
             num_generated_tokens=out.num_generated_tokens,
             expert_token_counts=out.expert_token_counts,
+            expert_token_counts_per_layer=getattr(out, "expert_token_counts_per_layer", None),
             latency_s=now - submitted, replica=self.replica,
             first_token_s=None if first is None else max(0.0, first - submitted),
         )

@@ -159,7 +159,9 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self.stats_ = EngineStats()
-        self.expert_totals = torch.zeros(mc.num_local_experts, dtype=torch.long) if mc.is_moe else None
+        # MoE: tokens per (MoE layer, expert), for the engine and for each request
+        self.expert_totals = torch.zeros(model.num_moe_layers, mc.num_local_experts,
+                                         dtype=torch.long) if mc.is_moe else None
 
     # -- intake -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],
@@ -299,7 +301,8 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_tokens,
             num_generated_tokens=len(token_ids),
             num_preemptions=seq.num_preemptions,
-            expert_token_counts=None if seq.expert_counts is None else seq.expert_counts.tolist(),
+            expert_token_counts=None if seq.expert_counts is None else seq.expert_counts.sum(0).tolist(),
+            expert_token_counts_per_layer=None if seq.expert_counts is None else seq.expert_counts.tolist(),
             metrics=seq.metrics,
             stop_reason=seq.stop_reason,
         )
@@ -327,5 +330,6 @@ class LLMEngine:
             decode_tok_per_s=s.num_decode_tokens / s.decode_time_s if s.decode_time_s else 0.0,
         )
         if self.expert_totals is not None:
-            out["expert_token_counts"] = self.expert_totals.tolist()
+            out["expert_token_counts"] = self.expert_totals.sum(0).tolist()
+            out["expert_token_counts_per_layer"] = self.expert_totals.tolist()
         return out

@@ -149,8 +149,9 @@ class ModelRunner:
             token_seq = torch.repeat_interleave(torch.arange(len(batch.seqs)),
                                                 torch.tensor(batch.num_new_tokens))
             num_experts = self.model.config.num_local_experts
-            route_stats = RouteStats(token_seq.to(device),
-                                     torch.zeros(len(batch.seqs), num_experts, dtype=torch.long, device=device))
+            route_stats = RouteStats(token_seq.to(device), torch.zeros(
+                len(batch.seqs), self.model.num_moe_layers, num_experts, dtype=torch.long,
+                device=device))
         hidden = self.model(ids, pos, meta, self.kv_caches, route_stats)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=device)
         logits = self.model.compute_logits(hidden[rows], fixed_k=meta.batch_invariant)

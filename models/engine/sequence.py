@@ -37,6 +37,8 @@ class RequestOutput:
     num_generated_tokens: int
     num_preemptions: int = 0
     expert_token_counts: list[int] | None = None  # MoE: tokens of this request per expert
+    # MoE: the same per MoE layer ([L][E]; `expert_token_counts` is its sum over layers)
+    expert_token_counts_per_layer: list[list[int]] | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     stop_reason: int | str | None = None
 

@@ -129,6 +129,27 @@ def test_moe_chunks_carry_tokens_per_expert_and_rows_their_flops(tiny_moe_dir, t
     assert 0 < long["active_flops"] == long["dense_flops"]
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_expert_tokens_per_layer_when_asked(tiny_moe_dir, tiny_swa_dir, tmp_path, per_layer):
+    from models import load_model
+
+    config = _config(tiny_moe_dir, tiny_swa_dir, [], expert_tokens_per_layer=per_layer)
+    out = tmp_path / "o.parquet"
+    run_documents(config, [_doc("short", 20)], out)
+    (row,) = read_results(out)
+    cfg = load_model(str(tiny_moe_dir), dtype="float32").config
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    for c in row["chunks"]:
+        layers = c["expert_tokens_per_layer"]
+        if not per_layer:
+            assert layers is None
+            continue
+        assert len(layers) == moe_layers and all(len(r) == 4 for r in layers)
+        # every layer routes each token to K experts; summed over layers: expert_tokens
+        assert len({sum(r) for r in layers}) == 1 and sum(layers[0]) % cfg.num_experts_per_tok == 0
+        assert [sum(col) for col in zip(*layers)] == c["expert_tokens"]
+
+
 @pytest.mark.parametrize("q_lora_rank", [None, 24])
 def test_params_per_token_counts_an_mla_model(q_lora_rank):
     """DeepSeek-V3's attention is MLA: its projections (q LoRA or q, the kv down- and
