@@ -4,7 +4,7 @@ whole and the row records how many prompts were cut and by how many tokens."""
 import pyarrow.parquet as pq
 
 from pipeline.config import RunConfig
-from pipeline.prompts import as_chat
+from pipeline.prompts import as_chat, map_prompt
 from pipeline.runner import PromptFitter
 from pipeline.service import describe, run_documents
 from pipeline.stores import Document, content_hash
@@ -50,7 +50,7 @@ def test_cut_inside_the_message_never_the_template(tiny_small_ctx_dir, tmp_path)
         if stage != "map":
             continue
         chunk = row["chunks"][int(index)]
-        prompt = f"Summarize the following text in a few sentences.\n\n{TEXT[chunk['char_start']:chunk['char_end']]}"
+        prompt = map_prompt(TEXT[chunk["char_start"]:chunk["char_end"]], None)
         full = info.tokenizer.apply_chat_template(as_chat(prompt))
         if len(full) > limit:
             num_cut += 1
