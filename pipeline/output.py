@@ -137,6 +137,7 @@ class ChunkRow:
     pool: str | None = None
     model: str | None = None
     expert_tokens: list[int] | None = None
+    expert_tokens_per_layer: list[list[int]] | None = None  # [MoE layer][expert], when asked
 
 
 @dataclass(slots=True)
@@ -189,7 +190,7 @@ class DocResult:
 
 
 _CHUNK_KEYS = tuple(f.name for f in CHUNK_STRUCT)
-_OPTIONAL_CHUNK_KEYS = ("pool", "model", "expert_tokens")
+_OPTIONAL_CHUNK_KEYS = ("pool", "model", "expert_tokens", "expert_tokens_per_layer")
 assert tuple(f.name for f in fields(DocResult)) == tuple(OUTPUT_SCHEMA.names), (
     "DocResult fields and OUTPUT_SCHEMA columns differ: update both"
 )

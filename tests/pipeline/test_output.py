@@ -48,7 +48,8 @@ def test_write_read_round_trip(tmp_path, fmt):
     assert list(rows[0]) == OUTPUT_SCHEMA.names
     assert rows[0]["chunks"][1] == {"index": 1, "token_start": 100, "token_end": 220,
                                     "char_start": 400, "char_end": 880, "output": "out 1 ✓",
-                                    "pool": None, "model": None, "expert_tokens": None}
+                                    "pool": None, "model": None, "expert_tokens": None,
+                                    "expert_tokens_per_layer": None}
     assert rows[1]["expert_tokens"] is None and rows[1]["chunks"] == []
     err = rows[2]
     assert (err["status"], err["error"], err["summary"]) == ("error", "store/bad.txt: binary", None)
