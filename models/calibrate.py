@@ -107,7 +107,7 @@ def router_loads(model, windows: list[list[int]], *, balance: bool = False, gamm
             x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, meta, None)
             h = layer.post_attention_layernorm(x)
             hs.append((x, h))
-            logits.append(mlp.gate(h).float())
+            logits.append(mlp.router_logits(h).float())
         all_logits = torch.cat(logits)
         if balance:
             start = mlp.e_score_correction_bias if mlp.has_selection_bias else None

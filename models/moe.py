@@ -22,13 +22,14 @@ that sent the token, so an engine can attribute expert usage to requests.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from models.config import ModelConfig
-from models.layers import GatedMLP, Linear, empty_param, linear, silu_mul
+from models.layers import GatedMLP, Linear, empty_param, linear, param_dtype, silu_mul
 
 
 def moe_gate(
@@ -103,7 +104,12 @@ class SparseMoeBlock(nn.Module):
         self.scoring_func, self.hard = config.scoring_func, config.hard_gate
         self.n_group, self.topk_group = config.n_group, config.topk_group
         self.routed_scaling_factor = config.routed_scaling_factor
-        self.gate = Linear(H, E)
+        # DeepSeek-V3's router is fp32 whatever the model dtype (transformers'
+        # DeepseekV3TopkRouter: an fp32 weight, inputs cast up): bf16 logits can pick other
+        # experts. Kept in fp32 here, so no step casts the weight.
+        self.fp32_router = config.scoring_func == "sigmoid"
+        with param_dtype(torch.float32) if self.fp32_router else nullcontext():
+            self.gate = Linear(H, E)
         self.w13 = empty_param(E, 2 * I, H)  # per expert: [gate; up], HF [out, in] layout
         self.w2 = empty_param(E, H, I)  # per expert: down
         self.shared_expert: GatedMLP | None = None
@@ -120,10 +126,11 @@ class SparseMoeBlock(nn.Module):
         )
         self.has_selection_bias = False  # set by whoever writes the bias (skips an add if not)
         self.moe_index = 0  # this block's place among the model's MoE layers (set by the model)
-        # DeepSeek-V3's router computes its logits in fp32 (inputs and weight cast up), as
-        # transformers' DeepseekV3TopkRouter does: bf16 logits can pick other experts.
-        self.fp32_router = config.scoring_func == "sigmoid"
         self.last_router_logits: torch.Tensor | None = None
+
+    def router_logits(self, x: torch.Tensor, fixed_k: bool = False) -> torch.Tensor:
+        """The gate's logits [N, E] for tokens x [N, H] (fp32 for the fp32 router)."""
+        return self.gate(x.float() if self.fp32_router else x, fixed_k)
 
     def set_selection_bias(self, bias: torch.Tensor) -> None:
         self.e_score_correction_bias.copy_(bias.float())
@@ -135,10 +142,7 @@ class SparseMoeBlock(nn.Module):
     ) -> torch.Tensor:
         """fixed_k: batch-invariant reductions (see `models.layers.linear`)."""
         N, H = x.shape
-        if self.fp32_router and x.dtype != torch.float32 and isinstance(self.gate.weight, torch.Tensor):
-            router_logits = linear(x.float(), self.gate.weight.float(), None, fixed_k)
-        else:
-            router_logits = self.gate(x, fixed_k)  # [N, E]
+        router_logits = self.router_logits(x, fixed_k)  # [N, E]
         self.last_router_logits = router_logits if keep_logits else None
         weights, expert_ids = route(
             router_logits, self.top_k, scoring_func=self.scoring_func,

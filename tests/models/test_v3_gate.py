@@ -26,7 +26,7 @@ def _hf_v3_moe(seed: int, **kw):
     return cfg, block
 
 
-def _ours_from(cfg, hf) -> SparseMoeBlock:
+def _ours_from(cfg, hf, dtype=torch.float32) -> SparseMoeBlock:
     ours_cfg = tiny_config(
         "mixtral", n_routed_experts=cfg.n_routed_experts, num_local_experts=0,
         num_experts_per_tok=cfg.num_experts_per_tok, moe_intermediate_size=32,
@@ -34,7 +34,7 @@ def _ours_from(cfg, hf) -> SparseMoeBlock:
         n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
         routed_scaling_factor=cfg.routed_scaling_factor,
     )
-    with param_dtype(torch.float32):
+    with param_dtype(dtype):
         ours = SparseMoeBlock(ours_cfg).eval()
     with torch.no_grad():
         ours.gate.weight.copy_(hf.gate.weight)
@@ -117,10 +117,11 @@ def test_v3_router_logits_are_fp32_in_a_bf16_block():
     so a bf16 model picks the experts its fp32 router scores would pick."""
     cfg, hf = _hf_v3_moe(0, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
                          n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True)
-    ours = _ours_from(cfg, hf).to(torch.bfloat16)
+    ours = _ours_from(cfg, hf, dtype=torch.bfloat16)
+    assert ours.w13.dtype == torch.bfloat16 and ours.gate.weight.dtype == torch.float32
     x = torch.randn(33, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     with torch.no_grad():
         ours(x, keep_logits=True)
-    want = torch.nn.functional.linear(x.float(), ours.gate.weight.float())
+    want = torch.nn.functional.linear(x.float(), hf.gate.weight.float())
     assert ours.last_router_logits.dtype == torch.float32
     assert torch.equal(ours.last_router_logits, want)
