@@ -15,16 +15,7 @@ from models.loading import load_model
 from models.moe import EXPERT_BIAS_FILE, route
 from models.moefy import calibration_windows
 from pipeline.cli import main
-from tests.models.test_moefy import PROSE
 from tests.tiny_checkpoint import make_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("store")
-    for i, text in enumerate(PROSE):
-        (path / f"doc{i}.txt").write_text(text * 12)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -16,27 +16,13 @@ import pipeline.model_cli  # noqa: F401  (registers eval / moefy / calibrate)
 from models.loading import load_model
 from models.moefy import balanced_kmeans
 from pipeline.cli import main
+from tests.models.conftest import PROSE
 from tests.tiny_checkpoint import make_tiny_checkpoint
-
-PROSE = [
-    "The whale rose from the sea at dawn, and the crew watched in silence as it turned. ",
-    "def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, i))\n",
-    "In the year of the great storm the harbour froze, and the ships stayed in port. ",
-    "SELECT name, count(*) FROM users WHERE age > 30 GROUP BY name ORDER BY 2 DESC;\n",
-]
 
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("dense"), "llama", seed=3)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("store")
-    for i, text in enumerate(PROSE):
-        (path / f"doc{i}.txt").write_text(text * 12)
-    return path
 
 
 def _run(*args):
