@@ -706,8 +706,7 @@ def _required_tensors(config: dict) -> list[str]:
     tensor_map = _tensor_map(config["model_type"])
     names = [t for t, (_, _, required) in tensor_map.items() if required and "{i}" not in t]
     layer_names = [t for t, (_, _, required) in tensor_map.items() if required and "{i}" in t]
-    is_moe = "num_experts" in config or "num_local_experts" in config
-    dense_layers = set(config.get("mlp_only_layers", ())) if is_moe else None
+    dense_layers = set(config.get("mlp_only_layers", ())) if _num_experts(config) else None
     for i in range(config["num_hidden_layers"]):
         names += [t.format(i=i) for t in layer_names]
         mlp = _MOE_MLP if dense_layers is not None and i not in dense_layers else _DENSE_MLP
@@ -739,10 +738,10 @@ def iter_gguf_tensors(
     config = _gguf_config(gguf_file)
     tensor_map = _tensor_map(config["model_type"])
     for name in _required_tensors(config):
-        per_expert = [name.replace("_exps.", f".{e}.") for e in range(_num_experts(config))]
         if (name.endswith("_exps.weight") and name not in gguf_file.tensors
                 and _template(name)[0].replace("_exps.", ".{e}.") in tensor_map
-                and all(n in gguf_file.tensors for n in per_expert)):
+                and all(name.replace("_exps.", f".{e}.") in gguf_file.tensors
+                        for e in range(_num_experts(config)))):
             continue  # an older file: one tensor per expert
         _require(gguf_file, name)
     return config, _hf_tensors(gguf_file, config, dtype)
