@@ -186,6 +186,138 @@ inline void dequant_q2_k(const uint8_t* b, float* out) {
     }
 }
 
+#if defined(DOCPIPE_AVX2) && defined(__F16C__)
+// AVX2 dequantizers, bit-equal to the scalar ones above: the same exact products, and the
+// one rounding of the min's addition is the FMA's. They serve the AVX-512 build too (its
+// inner loop reads their output from L1); Q2_K keeps the scalar one.
+#define DOCPIPE_SIMD_DEQUANT 1
+
+inline float half_f16c(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// 8 bytes (the low 8 of v) as 8 fp32 lanes: unsigned or signed.
+inline __m256 u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+inline __m256 i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+inline __m128i hi8(__m128i v) { return _mm_srli_si128(v, 8); }
+
+// 32 unsigned bytes (q) -> out[0..32) = a * q + c (exact product, one rounding).
+inline void affine32(__m256i q, __m256 a, __m256 c, float* out) {
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  _mm256_storeu_ps(out, _mm256_fmadd_ps(u8x8(lo), a, c));
+  _mm256_storeu_ps(out + 8, _mm256_fmadd_ps(u8x8(hi8(lo)), a, c));
+  _mm256_storeu_ps(out + 16, _mm256_fmadd_ps(u8x8(hi), a, c));
+  _mm256_storeu_ps(out + 24, _mm256_fmadd_ps(u8x8(hi8(hi)), a, c));
+}
+
+// The 16 nibble bytes at q: low nibbles (values 0..15) then high nibbles (16..31).
+inline __m256i nibbles32(const uint8_t* q) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m128i m = _mm_set1_epi8(15);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+
+// Q5_0/Q5_1's fifth bits (u32 at qh_at) as bytes of 16 or 0, element j in byte j.
+inline __m256i fifth_bits32(const uint8_t* qh_at) {
+  uint32_t qh;
+  std::memcpy(&qh, qh_at, 4);
+  // byte j takes byte j/8 of qh, then tests bit j%8
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(qh)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                       2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+  return _mm256_and_si256(set, _mm256_set1_epi8(16));
+}
+
+inline void simd_q8_0(const uint8_t* b, float* out) {
+  const __m256 d = _mm256_set1_ps(half_f16c(b));
+  const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  _mm256_storeu_ps(out, _mm256_mul_ps(i8x8(lo), d));
+  _mm256_storeu_ps(out + 8, _mm256_mul_ps(i8x8(hi8(lo)), d));
+  _mm256_storeu_ps(out + 16, _mm256_mul_ps(i8x8(hi), d));
+  _mm256_storeu_ps(out + 24, _mm256_mul_ps(i8x8(hi8(hi)), d));
+}
+
+// Q4_0 / Q5_0: d * (q - offset); q - offset is exact in int, as in the scalar code.
+inline void signed32(__m256i q, int offset, __m256 d, float* out) {
+  const __m256i o = _mm256_set1_epi32(offset);
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  const __m128i parts[4] = {lo, hi8(lo), hi, hi8(hi)};
+  for (int i = 0; i < 4; ++i)
+    _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(
+        _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(parts[i]), o)), d));
+}
+
+inline void simd_q4_0(const uint8_t* b, float* out) {
+  signed32(nibbles32(b + 2), 8, _mm256_set1_ps(half_f16c(b)), out);
+}
+
+inline void simd_q4_1(const uint8_t* b, float* out) {
+  affine32(nibbles32(b + 4), _mm256_set1_ps(half_f16c(b)), _mm256_set1_ps(half_f16c(b + 2)), out);
+}
+
+inline void simd_q5_0(const uint8_t* b, float* out) {
+  const __m256i q = _mm256_or_si256(nibbles32(b + 6), fifth_bits32(b + 2));
+  signed32(q, 16, _mm256_set1_ps(half_f16c(b)), out);
+}
+
+inline void simd_q5_1(const uint8_t* b, float* out) {
+  const __m256i q = _mm256_or_si256(nibbles32(b + 8), fifth_bits32(b + 4));
+  affine32(q, _mm256_set1_ps(half_f16c(b)), _mm256_set1_ps(half_f16c(b + 2)), out);
+}
+
+// Q4_K / Q5_K: sub-block s is a * q - c, with q the low or high nibbles of 32 bytes.
+inline void simd_q45_k(const uint8_t* b, bool five, float* out) {
+  const float d = half_f16c(b), dmin = half_f16c(b + 2);
+  const uint8_t *qh = b + 16, *qs = b + (five ? 48 : 16);
+  const __m256i m15 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+  const __m256i high = five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh))
+                            : _mm256_setzero_si256();
+  for (int s = 0; s < 8; ++s) {
+    int sc, mn;
+    k_scale_min(b + 4, s, &sc, &mn);
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * (s / 2)));
+    __m256i q = _mm256_and_si256(_mm256_srli_epi16(raw, 4 * (s % 2)), m15);
+    if (five)  // + 16 * bit s of qh[l]
+      q = _mm256_add_epi8(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, s), one), 4));
+    affine32(q, _mm256_set1_ps(d * static_cast<float>(sc)),
+             _mm256_set1_ps(-(dmin * static_cast<float>(mn))), out + 32 * s);
+  }
+}
+
+inline void simd_q6_k(const uint8_t* b, float* out) {
+  const uint8_t *ql = b, *qh = b + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = half_f16c(b + 208);
+  const __m256i m15 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+  for (int h = 0; h < 2; ++h) {
+    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * h));
+    for (int k = 0; k < 4; ++k) {
+      const __m256i lo = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(ql + 64 * h + 32 * (k % 2)));
+      const __m256i q = _mm256_or_si256(
+          _mm256_and_si256(_mm256_srli_epi16(lo, 4 * (k / 2)), m15),
+          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2 * k), m3), 4));
+      const int base = 128 * h + 32 * k;
+      const __m256 a0 = _mm256_set1_ps(d * static_cast<float>(sc[base / 16]));
+      const __m256 a1 = _mm256_set1_ps(d * static_cast<float>(sc[base / 16 + 1]));
+      const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
+      const __m128i parts[4] = {q0, hi8(q0), q1, hi8(q1)};
+      const __m256i o = _mm256_set1_epi32(32);
+      for (int i = 0; i < 4; ++i)
+        _mm256_storeu_ps(out + base + 8 * i, _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(parts[i]), o)),
+            i < 2 ? a0 : a1));
+    }
+  }
+}
+#endif  // DOCPIPE_AVX2 && __F16C__
+
 // `count` values (whole blocks) of a row starting at value `first`, into out.
 template <int TYPE>
 inline void dequant_span(const uint8_t* row, int64_t first, int count, float* out) {
@@ -196,6 +328,18 @@ inline void dequant_span(const uint8_t* row, int64_t first, int count, float* ou
                                       : Format{256, 210};
   const uint8_t* b = row + (first / f.block_size) * f.type_size;
   for (int i = 0; i < count; i += f.block_size, b += f.type_size) {
+#ifdef DOCPIPE_SIMD_DEQUANT
+    if constexpr (TYPE == Q4_0) simd_q4_0(b, out + i);
+    else if constexpr (TYPE == Q4_1) simd_q4_1(b, out + i);
+    else if constexpr (TYPE == Q5_0) simd_q5_0(b, out + i);
+    else if constexpr (TYPE == Q5_1) simd_q5_1(b, out + i);
+    else if constexpr (TYPE == Q8_0) simd_q8_0(b, out + i);
+    else if constexpr (TYPE == Q2_K) dequant_q2_k(b, out + i);
+    else if constexpr (TYPE == Q4_K) simd_q45_k(b, false, out + i);
+    else if constexpr (TYPE == Q5_K) simd_q45_k(b, true, out + i);
+    else simd_q6_k(b, out + i);
+    continue;
+#endif
     if constexpr (TYPE == Q4_0) dequant_q4_0(b, out + i);
     else if constexpr (TYPE == Q4_1) dequant_q4_1(b, out + i);
     else if constexpr (TYPE == Q5_0) dequant_q5_0(b, out + i);

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import quant
+from models import native, quant
+from models.cpu import LEVELS, cpu_info
 from models.gguf import TENSOR_FORMATS, open_gguf
 from models.registry import resolve_model_path
 
@@ -21,6 +22,39 @@ TYPES = sorted(quant.PACKED_TYPES)
 # byte offsets of each type's fp16 fields (scales and mins), which must hold finite values
 HALF_FIELDS = {2: [0], 3: [0, 2], 6: [0], 7: [0, 2], 8: [0], 12: [0, 2], 13: [0, 2], 14: [208]}
 needs_native = pytest.mark.skipif(quant._lib() is None, reason="native qmatmul kernel not built")
+
+
+# DOCPIPE_CPU_ISA per build the kernel tests run on, and the path each build must take
+BUILDS = {"native": ("native", None), "x86-64-v3": ("avx2", "avx2"), "x86-64-v2": ("baseline", "portable")}
+
+
+@pytest.fixture(params=list(BUILDS))
+def build(request, monkeypatch):
+    """The qmatmul kernels built for this CPU, for x86-64-v3 (what an AVX2 + FMA machine gets:
+    its SIMD dequantizers) and for x86-64-v2 (the portable scalar code), so one machine tests
+    all three."""
+    level, path = BUILDS[request.param]
+    info = cpu_info()
+    if level != "native":
+        if not info.is_x86:
+            pytest.skip("x86 builds")
+        if level == "avx2" and LEVELS.index(info.detected_level) < LEVELS.index("avx2"):
+            pytest.skip("not an x86 CPU with AVX2 + FMA")
+        if level == info.detected_level:
+            pytest.skip("the native build is this one")
+        monkeypatch.setenv("DOCPIPE_CPU_ISA", level)
+    cpu_info.cache_clear()
+    native.library.cache_clear()
+    try:
+        if quant._lib() is None:
+            pytest.skip("native qmatmul kernel not built")
+        if path is not None:
+            assert quant.kernel_path() == path
+        yield request.param
+    finally:
+        monkeypatch.delenv("DOCPIPE_CPU_ISA", raising=False)
+        cpu_info.cache_clear()
+        native.library.cache_clear()
 
 
 def random_blocks(ggml_type: int, rows: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -49,7 +83,7 @@ def assert_within_bound(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> No
 
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: quant.PACKED_TYPES[t][0])
-def test_dequantize_rows_bit_equal(ggml_type):
+def test_dequantize_rows_bit_equal(ggml_type, build):
     k = 512
     packed = random_blocks(ggml_type, 37, k)
     ref = reference(ggml_type, packed, k)
@@ -62,10 +96,9 @@ def test_dequantize_rows_bit_equal(ggml_type):
         assert torch.equal(bf16, ref.to(torch.bfloat16))
 
 
-@needs_native
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: quant.PACKED_TYPES[t][0])
 @pytest.mark.parametrize("m", [1, 3, 8, 16, 40])
-def test_matmul_random_weights(ggml_type, m):
+def test_matmul_random_weights(ggml_type, m, build):
     k = 768 if quant.PACKED_TYPES[ggml_type][1] == 256 else 896  # 896: not whole 256-blocks
     n = 70
     packed = random_blocks(ggml_type, n, k, seed=m)
