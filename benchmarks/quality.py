@@ -72,14 +72,29 @@ def faith(pairs: list[tuple[str, str]]) -> tuple[float, int]:
     return statistics.fmean(r.content_share for r in results), sum(r.off_topic for r in results)
 
 
-def run_model(model: str, strategy: str, papers: list[dict], first_chunk_only: bool) -> tuple[list[str], float]:
+def parse_overrides(items: list[str]) -> dict:
+    """`--set key=value` pairs, typed by the run settings' schema (pipeline.settings)."""
+    from pipeline.settings import BY_NAME
+
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in BY_NAME:
+            sys.exit(f"--set {item}: no run setting named {key!r} (see docpipe run --help)")
+        kind = BY_NAME[key].type
+        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
+
+
+def run_model(model: str, strategy: str, papers: list[dict], first_chunk_only: bool,
+              overrides: dict | None = None) -> tuple[list[str], float]:
     from pipeline.chunking import chunk_text
     from pipeline.config import RunConfig
     from pipeline.output import read_results
     from pipeline.service import run_documents
     from pipeline.stores import Document, content_hash
 
-    config = RunConfig(model=model, strategy=strategy, use_ray=False)
+    config = RunConfig(model=model, strategy=strategy, use_ray=False, **(overrides or {}))
     docs = []
     for p in papers:
         text = p["text"]
@@ -102,7 +117,14 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2-135m-instruct")
     ap.add_argument("--strategies", default="map-reduce,overlap-summary,refine")
     ap.add_argument("--json", type=Path, default=None, help="Also write the table as JSON.")
+    ap.add_argument("--save", type=Path, default=None,
+                    help="Also write every summary, one JSONL file per model and method, here.")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="Override a run setting for every model run (repeatable), e.g. "
+                         "--set max_summary_tokens=256.")
+    ap.add_argument("--no-single-pass", action="store_true", help="Skip the single-pass baseline.")
     args = ap.parse_args()
+    overrides = parse_overrides(args.set)
 
     from models.cpu import cpu_info
 
@@ -111,23 +133,32 @@ def main() -> None:
     print(f"cpu        : {cpu_info().describe()}")
     print(f"data       : ACLSum {args.split}, {len(papers)} papers, {statistics.fmean(words):,.0f} "
           f"words on average ({min(words):,}-{max(words):,}); reference: the abstract")
+    if overrides:
+        print(f"settings   : {overrides}")
     table = []
 
     def row(model, method, summaries, wall):
+        words = statistics.fmean(len(s.split()) for s in summaries)
+        if args.save:
+            args.save.mkdir(parents=True, exist_ok=True)
+            with open(args.save / f"{model}.{method}.jsonl", "w") as f:
+                for s, p in zip(summaries, papers):
+                    f.write(json.dumps({"id": p["id"], "summary": s}) + "\n")
         r = rouge([(s, p["abstract"]) for s, p in zip(summaries, papers)])
         share, off = faith([(s, p["text"]) for s, p in zip(summaries, papers)])
         table.append(dict(model=model, method=method, wall_s=wall, off_topic=off,
-                          faithfulness=share, **r))
+                          faithfulness=share, words=words, **r))
         print(f"{model:<28} {method:<18} R1 {r['rouge1']:.3f}  R2 {r['rouge2']:.3f}  "
               f"RL {r['rougeL']:.3f}  faithful {share:.2f}  off-topic {off:>2}/{len(papers)}  "
-              f"{wall:7.1f} s", flush=True)
+              f"{words:5.0f} words  {wall:7.1f} s", flush=True)
 
     row("-", f"lead-{LEAD_WORDS}", [" ".join(p["text"].split()[:LEAD_WORDS]) for p in papers], 0.0)
     for model in args.models.split(","):
-        summaries, wall = run_model(model, "map-reduce", papers, first_chunk_only=True)
-        row(model, "single-pass", summaries, wall)
-        for strategy in args.strategies.split(","):
-            summaries, wall = run_model(model, strategy, papers, first_chunk_only=False)
+        if not args.no_single_pass:
+            summaries, wall = run_model(model, "map-reduce", papers, True, overrides)
+            row(model, "single-pass", summaries, wall)
+        for strategy in filter(None, args.strategies.split(",")):
+            summaries, wall = run_model(model, strategy, papers, False, overrides)
             row(model, strategy, summaries, wall)
     if args.json:
         args.json.write_text(json.dumps(table, indent=1))

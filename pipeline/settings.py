@@ -125,7 +125,8 @@ SETTINGS: tuple[Setting, ...] = (
        "before' summary.", "strategy", output=True, minimum=1),
     _S("temperature", float, 0.0, "Sampling temperature (0: greedy).", "strategy", output=True,
        minimum=0),
-    _S("repetition_penalty", float, 1.1, "Repetition penalty (small models loop without it).",
+    _S("repetition_penalty", float, 1.1, "Repetition penalty over the generated tokens (small models loop "
+       "without it); the prompt's tokens are not penalized.",
        "strategy", output=True, positive=True),
     _S("seed", int, 0, "Run seed; each request samples with a seed derived from it.",
        "strategy", output=True),

@@ -32,6 +32,9 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0  # over prompt + output: positive logits / r, negative * r
+    # False: repetition_penalty over the output tokens only (not vLLM's: a summary or an
+    # extraction should be free to repeat the source's words, and only loops are penalized)
+    penalize_prompt: bool = True
     presence_penalty: float = 0.0  # over output tokens: logit -= p if the token occurred
     frequency_penalty: float = 0.0  # over output tokens: logit -= f * count
     seed: int | None = None
@@ -149,7 +152,7 @@ class SamplingState:
         if self.output_counts is None:
             self.output_counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)
             self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            if self.prompt_token_ids:
+            if self.prompt_token_ids and self.params.penalize_prompt:
                 ids = torch.tensor(self.prompt_token_ids, dtype=torch.long, device=device)
                 self.prompt_mask[ids] = True
         elif self.output_counts.device != device:

@@ -1,4 +1,5 @@
-"""Sampling seeds per request: derived from the run seed and the request id."""
+"""Sampling per request: seeds derived from the run seed and the request id; the
+repetition penalty over generated tokens only."""
 
 from pipeline.config import RunConfig
 from pipeline.runner import request_seed
@@ -13,10 +14,12 @@ class SeedPool(EchoPool):
     def __init__(self) -> None:
         super().__init__()
         self.seeds: dict[str, int | None] = {}
+        self.sampling: list[dict] = []
 
     def submit(self, requests) -> None:
         for r in requests:
             self.seeds[r.request_id] = r.sampling["seed"]
+            self.sampling.append(r.sampling)
         super().submit(requests)
 
 
@@ -26,6 +29,7 @@ def seeds(model_dir, tmp_path, **kw):
     docs = [Document(d, f"mem:{d}", TEXT + d, content_hash(TEXT + d)) for d in ("a", "b")]
     pool = SeedPool()
     run_documents(config, docs, tmp_path / "o.parquet", pool=pool)
+    seeds.last_pool = pool
     return pool.seeds
 
 
@@ -43,3 +47,15 @@ def test_per_request_seeds_are_reproducible_and_distinct(tiny_model_dir, tmp_pat
     assert first == {rid: request_seed(5, rid) for rid in first}
     # greedy decoding needs no seed
     assert set(seeds(tiny_model_dir, tmp_path).values()) == {None}
+
+
+def test_repetition_penalty_spares_the_prompt(tiny_model_dir, tmp_path):
+    """The source's words are not penalized (a summary must be free to reuse them): every
+    request carries the run's penalty with penalize_prompt off, which the engine honours
+    (tests/models/engine/test_sampling.py)."""
+    from models.engine.sampling import SamplingParams
+
+    seeds(tiny_model_dir, tmp_path, repetition_penalty=1.3)
+    sampling = seeds.last_pool.sampling
+    assert sampling and all(s["repetition_penalty"] == 1.3 for s in sampling)
+    assert all(SamplingParams(**s).penalize_prompt is False for s in sampling)

@@ -122,7 +122,7 @@ def test_single_seeded_stream_matches_probabilities():
 def reference_penalties(row: list[float], prompt: list[int], output: list[int],
                         p: SamplingParams) -> list[float]:
     row = list(row)
-    for t in set(prompt) | set(output):
+    for t in (set(prompt) if p.penalize_prompt else set()) | set(output):
         r = p.repetition_penalty
         row[t] = row[t] / r if row[t] > 0 else row[t] * r
     for t, c in Counter(output).items():
@@ -134,7 +134,7 @@ def reference_penalties(row: list[float], prompt: list[int], output: list[int],
 def test_penalties_match_reference():
     g = torch.Generator().manual_seed(4)
     rng = torch.Generator().manual_seed(5)
-    b = 7
+    b = 9
     logits = torch.randn(b, V, generator=g) * 3  # about half negative
     params = [
         SamplingParams(repetition_penalty=1.3),
@@ -145,6 +145,8 @@ def test_penalties_match_reference():
                        frequency_penalty=0.3),
         SamplingParams(),  # no penalties: untouched
         SamplingParams(repetition_penalty=1.1, seed=3),
+        SamplingParams(repetition_penalty=1.5, penalize_prompt=False),  # output tokens only
+        SamplingParams(repetition_penalty=0.6, penalize_prompt=False, frequency_penalty=0.2),
     ]
 
     def ids(n):  # small id range so tokens repeat
