@@ -249,7 +249,14 @@ class PackedWeight(nn.Module):
                 assert rc == 0, f"docpipe_qmatmul refused type {ggml_type}"
             return out
         tile_rows = max(1, TILE_ELEMENTS // self.in_features)
-        for ggml_type, packed, lo, hi in self.segments():
+        segments = list(self.segments())
+        if len(segments) == 1 and segments[0][3] <= tile_rows:
+            # one tile is the whole weight: the BLAS writes y itself (no copy of a tile's
+            # product into a column slice of y)
+            ggml_type, packed, _, _ = segments[0]
+            tile = dequantize_rows(ggml_type, packed, self.in_features, x.dtype)
+            return torch.mm(x, tile.T, out=out)
+        for ggml_type, packed, lo, hi in segments:
             for r0 in range(0, hi - lo, tile_rows):
                 r1 = min(hi - lo, r0 + tile_rows)
                 tile = dequantize_rows(ggml_type, packed[r0:r1], self.in_features, x.dtype)
