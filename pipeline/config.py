@@ -25,6 +25,7 @@ from pipeline.settings import (
     SETTINGS,
     STRATEGIES,
     SettingError,
+    recommended,
     validate,
 )
 
@@ -81,6 +82,7 @@ class _RunMethods:
     __slots__ = ()
 
     def __post_init__(self) -> None:
+        self._resolve_recommended()
         checked = validate({s.name: getattr(self, s.name) for s in SETTINGS})
         for name, value in checked.items():
             setattr(self, name, value)
@@ -93,6 +95,29 @@ class _RunMethods:
 
             self.routes = list(self.routes)
             parse_routes(self.routes, [p.name for p in pools])
+
+    def _resolve_recommended(self) -> None:
+        """strategy "auto", chunk_tokens / overlap None: the values recommended for the run's
+        model (the first pool's), pipeline.settings.recommended(). Resolved here, so the
+        fingerprint, the output rows and every later step see the values the run uses."""
+        if not (self.strategy == "auto" or self.chunk_tokens is None or self.overlap is None):
+            return
+        model = self.model
+        if isinstance(self.pools, (list, tuple)) and self.pools:
+            first = self.pools[0]
+            first = asdict(first) if isinstance(first, PoolConfig) else first
+            if isinstance(first, dict) and isinstance(first.get("model"), str):
+                model = first["model"]
+        rec = recommended(model if isinstance(model, str) else "")
+        if self.strategy == "auto":
+            self.strategy = rec["strategy"]
+        if self.chunk_tokens is None:
+            self.chunk_tokens = rec["chunk_tokens"]
+        if self.overlap is None:
+            # the recommended overlap, or less when an explicit chunk size is smaller
+            size = self.chunk_tokens
+            fits = isinstance(size, int) and not isinstance(size, bool)
+            self.overlap = min(rec["overlap"], max(0, size // 2 - 1)) if fits else rec["overlap"]
 
     # -- pools ------------------------------------------------------------------------------
     def pool_configs(self) -> list[PoolConfig]:

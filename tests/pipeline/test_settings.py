@@ -100,3 +100,29 @@ def test_bad_kv_cache_memory_is_one_error(tmp_path):
     result = CliRunner().invoke(main, ["run", str(tmp_path), "-o", str(tmp_path / "o.parquet"),
                                        "--kv-cache-memory", "lots"])
     assert result.exit_code == 2 and "is not a size; write e.g. 2GiB" in result.output
+
+
+def test_unset_strategy_and_chunking_take_the_models_recommendation():
+    """strategy "auto", chunk_tokens / overlap unset: the model's row of MODEL_RECOMMENDED
+    (the first pool's model), GENERIC_RECOMMENDED for any other; explicit values win; the
+    fingerprint sees the resolved values."""
+    from pipeline.settings import GENERIC_RECOMMENDED, MODEL_RECOMMENDED, recommended
+
+    name, rec = next(iter(MODEL_RECOMMENDED.items()))
+    assert rec != GENERIC_RECOMMENDED
+    run = RunConfig(model=name)
+    got = {k: getattr(run, k) for k in GENERIC_RECOMMENDED}
+    assert got == recommended(name) == {**GENERIC_RECOMMENDED, **rec}
+    other = RunConfig(model="some/other/model.gguf")
+    assert {k: getattr(other, k) for k in GENERIC_RECOMMENDED} == GENERIC_RECOMMENDED
+    explicit = RunConfig(model=name, **GENERIC_RECOMMENDED)
+    assert {k: getattr(explicit, k) for k in GENERIC_RECOMMENDED} == GENERIC_RECOMMENDED
+    assert run.fingerprint("w", "p") == RunConfig(model=name, **recommended(name)).fingerprint("w", "p")
+    assert run.fingerprint("w", "p") != explicit.fingerprint("w", "p")
+    # a small explicit chunk size keeps the default overlap valid
+    assert RunConfig(model="m", chunk_tokens=100).overlap == 49
+    # pools: the first pool's model decides
+    pooled = RunConfig(pools=[{"name": "a", "model": name}, {"name": "b", "model": "m"}])
+    assert pooled.strategy == recommended(name)["strategy"]
+    pooled = RunConfig(pools=[{"name": "b", "model": "m"}, {"name": "a", "model": name}])
+    assert pooled.strategy == GENERIC_RECOMMENDED["strategy"]
