@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 # The instruction comes after the text it is about: small models follow an instruction
 # they read last and lose one that 1-2K tokens of text pushed back (benchmarks/quality.py,
@@ -34,9 +35,15 @@ PIECE = "Part {n}: {text}"
 # summaries 7 -> 0 and 5 -> 0 of 10, faithfulness 0.53 -> 0.85). Part of PROMPT_VERSION.
 PENALIZE_PROMPT = False
 
+# A merge answer's copies of the "Part N:" labels of its prompt, at the start of a line: small
+# models imitate the layout (SmolLM2 began 39 of 40 merged ACLSum summaries with "Part 1:").
+# They are scaffolding, not content, so merged outputs lose them (strip_piece_labels).
+_PIECE_LABEL = re.compile(r"^[ \t]*Part \d+:[ \t]*\n?", re.MULTILINE)
+
 PROMPT_VERSION = hashlib.sha256(
     "\x00".join([DEFAULT_TASK, DEFAULT_REDUCE_TASK, CONTEXT_TASK, MAP, TEXT_FIRST,
-                 MAP_WITH_CONTEXT, REFINE, REDUCE, PIECE, f"penalize_prompt={PENALIZE_PROMPT}"]).encode()
+                 MAP_WITH_CONTEXT, REFINE, REDUCE, PIECE, f"penalize_prompt={PENALIZE_PROMPT}",
+                 _PIECE_LABEL.pattern]).encode()
 ).hexdigest()[:12]
 
 
@@ -67,6 +74,11 @@ def refine_prompt(summary: str, text: str, task: str | None) -> str:
 def piece_text(n: int, text: str) -> str:
     """One piece as it appears in a merge prompt, with the separator that follows it."""
     return PIECE.format(n=n, text=text.strip()) + "\n\n"
+
+
+def strip_piece_labels(text: str) -> str:
+    """A merge answer without the "Part N:" labels it copied from its prompt's pieces."""
+    return _PIECE_LABEL.sub("", text).strip()
 
 
 def reduce_prompt(pieces: list[str], task: str | None) -> str:

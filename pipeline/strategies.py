@@ -114,7 +114,7 @@ class DocumentStrategy:
         ]
 
     def _on_reduce(self, req: Request, text: str) -> list[Request]:
-        self._level_outputs[req.index] = text
+        self._level_outputs[req.index] = prompts.strip_piece_labels(text)
         if len(self._level_outputs) < len(self._level_groups):
             return []
         nxt = [

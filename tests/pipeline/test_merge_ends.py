@@ -98,3 +98,21 @@ def test_merge_levels_are_capped(tiny_small_ctx_dir, tmp_path, monkeypatch):
         s.on_output(r, "z" * 30)
     with pytest.raises(MergeStalled, match="did not finish in 1 levels"):
         s.on_output(reqs[-1], "z" * 30)
+
+
+def test_merged_outputs_lose_the_piece_labels_they_copied():
+    """A merge answer that imitates its prompt's "Part N:" layout (as SmolLM2's do) is kept
+    without those labels, at every level and in the final summary; a "part 2" inside a
+    sentence stays."""
+    from pipeline.prompts import reduce_prompt, strip_piece_labels
+
+    assert "Part 1: a" in reduce_prompt(["a", "b"], None)  # what the model sees
+    merge = MergeBudget(budget_tokens=10_000, overhead_tokens=10, count_tokens=len)
+    s = MapReduce("k", [type("C", (), {"index": i, "text": "t"})() for i in range(2)], None,
+                  None, 8, merge)
+    s.on_output(strategies.Request("k/map/0", "map", 0, "", 8), "first")
+    (req,) = s.on_output(strategies.Request("k/map/1", "map", 1, "", 8), "second")
+    assert req.stage == "reduce1"
+    s.on_output(req, "\nPart 1: The study of whales.\n\n  Part 2:\nIt ends in part 2: the sea.")
+    assert s.summary == "The study of whales.\n\nIt ends in part 2: the sea."
+    assert strip_piece_labels("No labels here.") == "No labels here."
