@@ -126,7 +126,8 @@ def _option(s: Setting):
     if s.type is bool:
         dashed = s.name.replace("_", "-")
         decl = _FLAG_NAMES.get(s.name, f"--{dashed}/--no-{dashed}")
-        return click.option(decl, s.name, default=s.default, show_default=True, help=s.help)
+        return click.option(decl, s.name, default=s.default, show_default=s.default is not None,
+                            help=s.help)
     kind = click.Choice(s.choices) if s.choices else _CLICK_TYPES[s.type]
     return click.option(s.option, s.name, type=kind, default=s.default,
                         show_default=s.default is not None, help=s.help)

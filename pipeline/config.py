@@ -97,10 +97,11 @@ class _RunMethods:
             parse_routes(self.routes, [p.name for p in pools])
 
     def _resolve_recommended(self) -> None:
-        """strategy "auto", chunk_tokens / overlap None: the values recommended for the run's
+        """strategy "auto", chunk_tokens / overlap / penalize_prompt None: the values recommended for the run's
         model (the first pool's), pipeline.settings.recommended(). Resolved here, so the
         fingerprint, the output rows and every later step see the values the run uses."""
-        if not (self.strategy == "auto" or self.chunk_tokens is None or self.overlap is None):
+        if not (self.strategy == "auto" or self.chunk_tokens is None or self.overlap is None
+                or self.penalize_prompt is None):
             return
         model = self.model
         if isinstance(self.pools, (list, tuple)) and self.pools:
@@ -113,6 +114,8 @@ class _RunMethods:
             self.strategy = rec["strategy"]
         if self.chunk_tokens is None:
             self.chunk_tokens = rec["chunk_tokens"]
+        if self.penalize_prompt is None:
+            self.penalize_prompt = rec["penalize_prompt"]
         if self.overlap is None:
             # the recommended overlap, or less when an explicit chunk size is smaller
             size = self.chunk_tokens

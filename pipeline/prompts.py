@@ -29,11 +29,6 @@ REFINE = (
 REDUCE = "{pieces}\n\n{task}"
 PIECE = "Part {n}: {text}"
 
-# The repetition penalty covers the generated tokens only, not the prompt: over the prompt it
-# pushed the model off every word of the source (benchmarks/quality.py, SmolLM2, 10 ACLSum
-# val papers: ROUGE-L map-reduce 0.145 -> 0.168, single pass 0.154 -> 0.167, off-topic
-# summaries 7 -> 0 and 5 -> 0 of 10, faithfulness 0.53 -> 0.85). Part of PROMPT_VERSION.
-PENALIZE_PROMPT = False
 
 # A merge answer's copies of the "Part N:" labels of its prompt, at the start of a line: small
 # models imitate the layout (SmolLM2 began 39 of 40 merged ACLSum summaries with "Part 1:").
@@ -42,7 +37,7 @@ _PIECE_LABEL = re.compile(r"^[ \t]*Part \d+:[ \t]*\n?", re.MULTILINE)
 
 PROMPT_VERSION = hashlib.sha256(
     "\x00".join([DEFAULT_TASK, DEFAULT_REDUCE_TASK, CONTEXT_TASK, MAP, TEXT_FIRST,
-                 MAP_WITH_CONTEXT, REFINE, REDUCE, PIECE, f"penalize_prompt={PENALIZE_PROMPT}",
+                 MAP_WITH_CONTEXT, REFINE, REDUCE, PIECE,
                  _PIECE_LABEL.pattern]).encode()
 ).hexdigest()[:12]
 

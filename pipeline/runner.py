@@ -26,7 +26,7 @@ from pipeline.accounting import TokenParams, params_per_token, request_flops
 from pipeline.chunking import chunk_text
 from pipeline.config import RunConfig
 from pipeline.output import DocResult
-from pipeline.prompts import PENALIZE_PROMPT, PROMPT_VERSION, as_chat, piece_text, reduce_prompt
+from pipeline.prompts import PROMPT_VERSION, as_chat, piece_text, reduce_prompt
 from pipeline.routing import RouteTable, request_stage
 from pipeline.stores import Document
 from pipeline.strategies import STRATEGY_CLASSES, DocumentStrategy, MergeBudget, Request
@@ -307,7 +307,7 @@ class PipelineRunner:
                 continue
             sampling = dict(max_tokens=req.max_tokens, temperature=self.config.temperature,
                             repetition_penalty=self.config.repetition_penalty,
-                            penalize_prompt=PENALIZE_PROMPT,
+                            penalize_prompt=self.config.penalize_prompt,
                             seed=(request_seed(self.config.seed, req.request_id)
                                   if self.config.temperature > 0 else None))
             work.setdefault(pool, []).append(WorkRequest(

@@ -46,7 +46,7 @@ def test_good_job(tmp_path):
 @pytest.mark.parametrize("text, expected", [
     ("[input]\npath='d'\n[output]\npath='o'\n[strategy]\nnmae='x'\n",
      "unknown key strategy.nmae; valid keys in [strategy]: name, task, reduce_task, "
-     "max_summary_tokens, context_summary_tokens, temperature, repetition_penalty, seed"),
+     "max_summary_tokens, context_summary_tokens, temperature, repetition_penalty, penalize_prompt, seed"),
     ("[input]\npath='d'\n[output]\npath='o'\n[extras]\na=1\n",
      "unknown section [extras]; valid sections: job, input, output, model, chunking, "
      "strategy, resources, engine, schedule (and [[pools]], routes)"),

@@ -49,13 +49,15 @@ def test_per_request_seeds_are_reproducible_and_distinct(tiny_model_dir, tmp_pat
     assert set(seeds(tiny_model_dir, tmp_path).values()) == {None}
 
 
-def test_repetition_penalty_spares_the_prompt(tiny_model_dir, tmp_path):
-    """The source's words are not penalized (a summary must be free to reuse them): every
-    request carries the run's penalty with penalize_prompt off, which the engine honours
-    (tests/models/engine/test_sampling.py)."""
+def test_repetition_penalty_spares_the_prompt_unless_asked(tiny_model_dir, tmp_path):
+    """By default (a model without a recommendation) the source's words are not penalized:
+    every request carries the run's penalty with penalize_prompt off, which the engine
+    honours (tests/models/engine/test_sampling.py); penalize_prompt=True reaches every
+    request too."""
     from models.engine.sampling import SamplingParams
 
-    seeds(tiny_model_dir, tmp_path, repetition_penalty=1.3)
-    sampling = seeds.last_pool.sampling
-    assert sampling and all(s["repetition_penalty"] == 1.3 for s in sampling)
-    assert all(SamplingParams(**s).penalize_prompt is False for s in sampling)
+    for asked, want in ((None, False), (True, True)):
+        seeds(tiny_model_dir, tmp_path, repetition_penalty=1.3, penalize_prompt=asked)
+        sampling = seeds.last_pool.sampling
+        assert sampling and all(s["repetition_penalty"] == 1.3 for s in sampling)
+        assert all(SamplingParams(**s).penalize_prompt is want for s in sampling)
