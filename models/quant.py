@@ -234,6 +234,8 @@ class PackedWeight(nn.Module):
             f"x {tuple(x.shape)} against a packed [{self.out_features}, {self.in_features}] weight")
         m = x.shape[0]
         out = torch.empty(m, self.out_features, dtype=x.dtype, device=x.device)
+        if m == 0:  # e.g. the logits of a step whose rows are all mid-prefill
+            return out
         lib = _lib()
         use_kernel = (lib is not None and x.device.type == "cpu" and x.dtype in native.DTYPES
                       and (m <= MAX_KERNEL_ROWS or fixed_k))

@@ -108,6 +108,16 @@ def test_matmul_random_weights(ggml_type, m, build):
     assert_within_bound(weight.matmul(x), x, w)
 
 
+@pytest.mark.parametrize("fixed_k", [False, True])
+def test_matmul_of_no_rows(fixed_k, build):
+    """A step whose rows are all mid-prefill asks the packed lm_head for the logits of no
+    rows: an empty [0, N] result, not an error."""
+    packed = random_blocks(3, 8, 64)
+    weight = quant.PackedWeight([(3, packed)], 64, torch.float32)
+    y = weight.matmul(torch.empty(0, 64), fixed_k=fixed_k)
+    assert y.shape == (0, 8)
+
+
 @needs_native
 def test_fused_segments_and_bf16():
     """A fused weight of three types (as a Q4_K_M qkv), fp32 and bf16 activations."""
