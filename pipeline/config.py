@@ -97,12 +97,10 @@ class _RunMethods:
             parse_routes(self.routes, [p.name for p in pools])
 
     def _resolve_recommended(self) -> None:
-        """strategy "auto", chunk_tokens / overlap / penalize_prompt None: the values recommended for the run's
-        model (the first pool's), pipeline.settings.recommended(). Resolved here, so the
-        fingerprint, the output rows and every later step see the values the run uses."""
-        if not (self.strategy == "auto" or self.chunk_tokens is None or self.overlap is None
-                or self.penalize_prompt is None):
-            return
+        """strategy "auto", chunk_tokens / overlap / penalize_prompt None: the values
+        recommended for the run's model (the first pool's), pipeline.settings.recommended().
+        Resolved here, so the fingerprint, the output rows and every later step see the values
+        the run uses."""
         model = self.model
         if isinstance(self.pools, (list, tuple)) and self.pools:
             first = self.pools[0]

