@@ -203,11 +203,13 @@ def measure_read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 3) -> float:
 
 
 def linear_shapes(model) -> list[tuple[int, int]]:
-    """(out, in) of every Linear weight in one pass over the decoder layers (lm_head excluded)."""
+    """(out, in) of every linear weight, dense or packed GGUF, in one pass over the decoder
+    layers (lm_head excluded)."""
     from models.layers import Linear
+    from models.quant import PackedLinear
 
     return [tuple(m.weight.shape) for layer in model.layers for m in layer.modules()
-            if isinstance(m, Linear)]
+            if isinstance(m, (Linear, PackedLinear))]
 
 
 def measure_gemm_peak(shapes: list[tuple[int, int]], m: int, dtype, repeats: int = 3) -> float:
@@ -236,12 +238,13 @@ def prefill_flops(model, num_tokens: int) -> float:
     2 x matmul weights per token (MoE: the routed experts only), QK^T and PV over the causal
     context, and the vocabulary projection once."""
     from models.layers import Linear
+    from models.quant import PackedLinear
 
     c = model.config
     weights = 0
     for layer in model.layers:
         for m in layer.modules():
-            if isinstance(m, Linear):
+            if isinstance(m, (Linear, PackedLinear)):
                 weights += m.weight.numel()
         mlp = layer.mlp
         if hasattr(mlp, "w13"):

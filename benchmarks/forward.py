@@ -35,6 +35,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    ap.add_argument("--quantization", default="auto",
+                    help="auto (the engine's default: GGUF weights kept packed), gguf or none "
+                         "(dequantized at load)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     common.add_isa_argument(ap)
@@ -48,11 +51,12 @@ def main() -> None:
     from models.attention import AttentionMetadata, SeqSpan
     from models.engine.runner import ModelRunner
     from models.loading import load_model
+    from models.quant import packed_bytes
     from models.registry import resolve_model_path
 
     dtype = common.resolve_dtype(args.dtype)
     common.print_header(args.threads, args.isa, dtype, args.dtype, ref_dtype=dtype)
-    loaded = load_model(args.model, dtype=dtype)
+    loaded = load_model(args.model, dtype=dtype, quantization=args.quantization)
     ours = loaded.model
     vocab = loaded.config.vocab_size
     n = args.tokens
@@ -100,7 +104,8 @@ def main() -> None:
     flops = common.prefill_flops(ours, n)
     allowed = n * gemm_peak / flops  # tok/s if every FLOP ran at the measured GEMM peak
 
-    print(f"model={args.model} dtype={common.dtype_name(dtype)} tokens={n} threads={args.threads}")
+    print(f"model={args.model} dtype={common.dtype_name(dtype)} tokens={n} threads={args.threads} "
+          f"weights={'packed' if packed_bytes(ours) else 'dense'}")
     print(f"docpipe      : {t_ours:.3f} s  {n / t_ours:8.0f} tok/s   "
           f"(cache-less path: {t_dense:.3f} s, {n / t_dense:.0f} tok/s)")
     print(f"transformers : {t_ref:.3f} s  {n / t_ref:8.0f} tok/s")
