@@ -6,12 +6,19 @@
 // (group, KV head, block of query positions); the G query heads of a KV head are computed
 // together so each key tile is loaded once for all of them.
 //
-// Per key tile of 32: the tile's keys transposed into head_dim pairs x 32 keys, scores by
-// vdpbf16ps with the keys in the lanes (4 rows x 2 halves at a time), an online softmax in fp32,
-// probabilities rounded to bf16 (as the flash kernel does for its second matmul), and P V by
-// vdpbf16ps over key pairs, V interleaved in pairs by one permute per 16 outputs. A row's
-// arithmetic depends only on its own keys and the tile grid from the group's first key, never
-// on the batch (batch invariance).
+// A block holds up to 48 rows (its positions x the G heads), 16 to a vector: the rows are in
+// the lanes, so the softmax needs no horizontal reductions. The block's queries are transposed
+// once into head_dim pairs x rows. Per key tile of 32:
+// - scores by vdpbf16ps, a broadcast key pair against the rows' query pairs (RB vectors of
+//   rows x 8 keys of accumulators), and their maximum per row;
+// - an online softmax in fp32, 16 rows at a time (masks only on the tiles a row does not see
+//   whole), probabilities rounded to bf16 (as the flash kernel does for its second matmul)
+//   and packed as each row's (even, odd) key pair;
+// - P V by vdpbf16ps over key pairs, 6 rows x 64 values (3 x 128) of accumulators, V
+//   interleaved in pairs by one permute per 16 outputs, the running sums' correction applied
+//   as the accumulators are loaded.
+// A row's arithmetic depends only on its own keys and the tile grid from the group's first
+// key, never on the batch (batch invariance): its lane of every vector holds its values only.
 //
 // Built by models/native.py into its own library (a compiler without AVX-512 BF16 support
 // fails only this one); docpipe_prefill_supported says what it computes.
@@ -30,9 +37,23 @@
 namespace {
 
 #ifdef DOCPIPE_PREFILL
-constexpr int kMaxRows = 64;  // G * positions per block
+constexpr int kMaxRows = 48;  // G * positions per block: 3 vectors of 16 rows
+constexpr int T = 32;         // keys per tile
 
 inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh&>(x); }
+inline __m512i as_si(__m512bh x) { return reinterpret_cast<__m512i&>(x); }
+
+// Softmax weights exp(x) for x <= 0: kExpWeight's degree-5 polynomial (common.h) for 2^f, 2^n
+// by scalef (0 far below); a weight is rounded to bf16 before it multiplies V, so its last
+// fp32 bits never reach the output.
+inline __m512 exp_prob16(__m512 x) {
+  const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(kExpWeight[5]);
+  for (int i = 4; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExpWeight[i]));
+  return _mm512_scalef_ps(p, n);
+}
 
 // Keys [t0, t0 + n) of a sequence laid out in runs, as row pointers (cursor advanced in place).
 struct KeyCursor {
@@ -51,21 +72,131 @@ struct KeyCursor {
   }
 };
 
-// DZ: zmm registers per bf16 row (head_dim = 32 * DZ).
-template <int DZ>
+// S[j][r] = q_r . k_j for the tile's keys j < n (rounded up to KB; the keys past n are
+// stand-ins: copies of key 0) and smax[rb] their maximum per row, the block's rows in the lanes: RB vectors of 16 rows x KB keys of
+// accumulators, one broadcast of a key pair feeding RB vdpbf16ps.
+template <int D, int RB>
+inline void tile_scores(const uint32_t (*qT)[16 * RB], const uint16_t* const* rows, int n,
+                        float (*S)[16 * RB], __m512* smax) {
+  constexpr int KB = 8, P2 = D / 2;
+  for (int rb = 0; rb < RB; ++rb) smax[rb] = _mm512_set1_ps(-INFINITY);
+  for (int j0 = 0; j0 < n; j0 += KB) {
+    __m512 a[KB][RB];
+    for (int kb = 0; kb < KB; ++kb)
+      for (int rb = 0; rb < RB; ++rb) a[kb][rb] = _mm512_setzero_ps();
+    const uint32_t* kj[KB];
+    for (int kb = 0; kb < KB; ++kb) kj[kb] = reinterpret_cast<const uint32_t*>(rows[j0 + kb]);
+    for (int p = 0; p < P2; ++p) {
+      __m512bh q[RB];
+      for (int rb = 0; rb < RB; ++rb) q[rb] = as_bh(_mm512_load_si512(qT[p] + 16 * rb));
+      for (int kb = 0; kb < KB; ++kb) {
+        const __m512bh kv = as_bh(_mm512_set1_epi32(static_cast<int32_t>(kj[kb][p])));
+        for (int rb = 0; rb < RB; ++rb) a[kb][rb] = _mm512_dpbf16_ps(a[kb][rb], q[rb], kv);
+      }
+    }
+    for (int kb = 0; kb < KB; ++kb)
+      for (int rb = 0; rb < RB; ++rb) {
+        _mm512_store_ps(S[j0 + kb] + 16 * rb, a[kb][rb]);
+        smax[rb] = _mm512_max_ps(smax[rb], a[kb][rb]);
+      }
+  }
+}
+
+// O_r += P_r V for RR rows at a time (RR x NO accumulators), one broadcast of a row's
+// probability pair feeding NO vdpbf16ps; the running sums' correction applied on load.
+template <int NO, int RR>
+inline void tile_pv(__m512 (*acc)[NO], const uint32_t (*P)[kMaxRows], const float* corr,
+                    const __m512i (*vp)[NO], const int* pairs, int Rp) {
+  for (int r0 = 0; r0 < Rp; r0 += RR) {
+    int np = 0;
+    for (int i = 0; i < RR; ++i) np = pairs[r0 + i] > np ? pairs[r0 + i] : np;
+    __m512 a[RR][NO];
+    for (int i = 0; i < RR; ++i) {
+      const __m512 c = _mm512_set1_ps(corr[r0 + i]);
+      for (int o = 0; o < NO; ++o) a[i][o] = _mm512_mul_ps(acc[r0 + i][o], c);
+    }
+    for (int jp = 0; jp < np; ++jp) {
+      __m512bh b[RR];
+      for (int i = 0; i < RR; ++i)
+        b[i] = as_bh(_mm512_set1_epi32(static_cast<int32_t>(P[jp][r0 + i])));
+      for (int o = 0; o < NO; ++o) {
+        const __m512bh w = as_bh(_mm512_load_si512(vp[jp] + o));
+        for (int i = 0; i < RR; ++i) a[i][o] = _mm512_dpbf16_ps(a[i][o], b[i], w);
+      }
+    }
+    for (int i = 0; i < RR; ++i)
+      for (int o = 0; o < NO; ++o) acc[r0 + i][o] = a[i][o];
+  }
+}
+
+// One tile's online softmax for the 16 rows of vector rb (vis: keys of the tile each row sees,
+// unused when all see all n): running max m and sum l updated, the correction of the earlier
+// sums into corr, and the probabilities rounded to bf16 into P, each row's (even, odd) key
+// pair in one 32-bit lane. exp(s * scale - m) is one fused step; m is the scaled maximum.
+template <int RB, bool kFull>
+inline void softmax_tile(float (*S)[16 * RB], int rb, int n, int ne, __m512i vis, __m512 smax,
+                         __m512 sc, __m512& m, __m512& l, uint32_t (*P)[kMaxRows], float* corr) {
+  alignas(64) static const int16_t kPairIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
+                                                   6, 22, 7, 23, 8, 24, 9, 25, 10, 26, 11, 27,
+                                                   12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i ip = _mm512_load_si512(kPairIdx);
+  // a row that sees every key of the tile sees key 0, so the stand-ins change no maximum
+  __m512 mx = kFull ? smax : _mm512_set1_ps(-INFINITY);
+  if (!kFull)
+    for (int j = 0; j < n; ++j)
+      mx = _mm512_mask_max_ps(mx, _mm512_cmpgt_epi32_mask(vis, _mm512_set1_epi32(j)), mx,
+                              _mm512_load_ps(S[j] + 16 * rb));
+  const __m512 m_new = _mm512_max_ps(m, _mm512_mul_ps(mx, sc));
+  const __mmask16 seen = _mm512_cmp_ps_mask(m, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+  const __m512 c = _mm512_maskz_mov_ps(seen, exp16(_mm512_sub_ps(m, m_new)));
+  __m512 sum = _mm512_setzero_ps();
+  for (int j = 0; j < ne; j += 2) {
+    __m512 e0 = exp_prob16(_mm512_fmsub_ps(_mm512_load_ps(S[j] + 16 * rb), sc, m_new));
+    __m512 e1 = exp_prob16(_mm512_fmsub_ps(_mm512_load_ps(S[j + 1] + 16 * rb), sc, m_new));
+    if (!kFull || j + 1 >= n) {
+      const __m512i jv = _mm512_set1_epi32(j);
+      e0 = _mm512_maskz_mov_ps(kFull ? __mmask16(0xffff) : _mm512_cmpgt_epi32_mask(vis, jv), e0);
+      e1 = _mm512_maskz_mov_ps(kFull ? __mmask16(j + 1 < n ? 0xffff : 0)
+                                     : _mm512_cmpgt_epi32_mask(vis, _mm512_add_epi32(jv, _mm512_set1_epi32(1))),
+                               e1);
+    }
+    sum = _mm512_add_ps(_mm512_add_ps(sum, e0), e1);
+    const __m512i pb = _mm512_permutexvar_epi16(ip, as_si(_mm512_cvtne2ps_pbh(e1, e0)));
+    _mm512_store_si512(P[j / 2] + 16 * rb, pb);
+  }
+  l = _mm512_fmadd_ps(l, c, sum);
+  m = m_new;
+  _mm512_store_ps(corr + 16 * rb, c);
+}
+
+// DZ: zmm registers per bf16 row (head_dim = 32 * DZ); RB: vectors of 16 rows in the block.
+template <int DZ, int RB>
 void prefill_block(const uint16_t* const* qrows, const int64_t* limit, int R, int64_t span,
                    const uint16_t* k, const uint16_t* v, const int64_t* run_start,
                    const int64_t* run_len, int64_t num_runs, uint16_t* const* orows,
                    float scale) {
-  constexpr int D = 32 * DZ, NO = 2 * DZ;
-  __m512 acc[kMaxRows][NO];
-  float m[kMaxRows], l[kMaxRows];
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < NO; ++c) acc[r][c] = _mm512_setzero_ps();
-    m[r] = -INFINITY;
-    l[r] = 0.f;
+  constexpr int D = 32 * DZ, NO = 2 * DZ, P2 = D / 2, L = 16 * RB;
+  constexpr int RR = 24 / NO;  // rows per P V register block
+  static_assert(L <= kMaxRows && kMaxRows % RR == 0, "block shape");
+  const int Rp = (R + RR - 1) / RR * RR;  // rows padded for the P V blocks (pads weigh 0)
+  // the block's queries transposed, rows in the lanes: qT[p][r] = Q[r][2p .. 2p+1]
+  alignas(64) uint32_t qT[P2][L];
+  alignas(64) int32_t lim[L];
+  for (int r = 0; r < L; ++r) {
+    // pad lanes: zero queries with the last row's keys (finite, never stored)
+    lim[r] = static_cast<int32_t>(limit[r < R ? r : R - 1]);
+    const uint32_t* q32 = reinterpret_cast<const uint32_t*>(qrows[r < R ? r : 0]);
+    for (int p = 0; p < P2; ++p) qT[p][r] = r < R ? q32[p] : 0u;
   }
-  // permutex2var indices interleaving two rows: output c holds pairs for d in [16c, 16c + 16)
+  __m512 acc[kMaxRows][NO];
+  for (int r = 0; r < Rp; ++r)
+    for (int o = 0; o < NO; ++o) acc[r][o] = _mm512_setzero_ps();
+  __m512 m[RB], l[RB];
+  for (int rb = 0; rb < RB; ++rb) {
+    m[rb] = _mm512_set1_ps(-INFINITY);
+    l[rb] = _mm512_setzero_ps();
+  }
+  // permutex2var indices interleaving two V rows: output c holds pairs for d in [16c, 16c+16)
   alignas(64) int16_t idx_lo[32], idx_hi[32];
   for (int t = 0; t < 16; ++t) {
     idx_lo[2 * t] = static_cast<int16_t>(t);
@@ -75,47 +206,21 @@ void prefill_block(const uint16_t* const* qrows, const int64_t* limit, int R, in
   }
   const __m512i ilo = _mm512_load_si512(idx_lo), ihi = _mm512_load_si512(idx_hi);
   KeyCursor kc{run_start, run_len, num_runs};
-  constexpr int T = 32;  // keys per tile: two 16-lane halves
   const uint16_t* rows[T];
   __m512i vp[T / 2][NO];
-  alignas(64) uint32_t kp[D / 2][T];  // key pairs transposed: kp[p][j] = K[j][2p .. 2p+1]
-  alignas(64) float scores[kMaxRows][T];
-  alignas(64) uint32_t pairs[T / 2];
-  const uint32_t* q32[kMaxRows];
-  for (int r = 0; r < R; ++r) q32[r] = reinterpret_cast<const uint32_t*>(qrows[r]);
-  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  alignas(64) float S[T][L];
+  alignas(64) uint32_t P[T / 2][kMaxRows] = {};
+  alignas(64) float corr[kMaxRows] = {};
+  int pairs[kMaxRows] = {};
+  const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t t0 = 0; t0 < span; t0 += T) {
     const int n = static_cast<int>(span - t0 < T ? span - t0 : T);
+    const int ne = (n + 1) & ~1;  // keys rounded up to whole pairs
     kc.next(n, k, D, rows);
     for (int j = n; j < T; ++j) rows[j] = rows[0];  // finite stand-ins, weighted 0
-    for (int j = 0; j < T; ++j) {
-      const uint32_t* kj = reinterpret_cast<const uint32_t*>(rows[j]);
-      for (int p = 0; p < D / 2; ++p) kp[p][j] = kj[p];
-    }
-    // Scores of 4 rows at a time (8 independent accumulation chains: 4 rows x 2 halves),
-    // rows that see no key of this tile skipped (a prefix: limits grow with the row).
-    int first = 0;
-    while (first < R && limit[first] <= t0) ++first;
-    for (int r0 = first & ~3; r0 < R; r0 += 4) {
-      __m512 a0[4], a1[4];
-      for (int i = 0; i < 4; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
-      const int nr = R - r0 < 4 ? R - r0 : 4;
-      for (int p = 0; p < D / 2; ++p) {
-        const __m512bh k0 = as_bh(_mm512_load_si512(kp[p]));
-        const __m512bh k1 = as_bh(_mm512_load_si512(kp[p] + 16));
-        for (int i = 0; i < 4; ++i) {
-          if (i >= nr) break;
-          const __m512bh qb = as_bh(_mm512_set1_epi32(static_cast<int32_t>(q32[r0 + i][p])));
-          a0[i] = _mm512_dpbf16_ps(a0[i], qb, k0);
-          a1[i] = _mm512_dpbf16_ps(a1[i], qb, k1);
-        }
-      }
-      for (int i = 0; i < nr; ++i) {
-        _mm512_store_ps(scores[r0 + i], a0[i]);
-        _mm512_store_ps(scores[r0 + i] + 16, a1[i]);
-      }
-    }
-    for (int jp = 0; jp < T / 2; ++jp) {
+    __m512 smax[RB];
+    tile_scores<D, RB>(qT, rows, n, S, smax);
+    for (int jp = 0; jp < ne / 2; ++jp) {
       const uint16_t* va = v + (rows[2 * jp] - k);
       const uint16_t* vb = v + (rows[2 * jp + 1] - k);
       for (int z = 0; z < DZ; ++z) {
@@ -124,37 +229,43 @@ void prefill_block(const uint16_t* const* qrows, const int64_t* limit, int R, in
         vp[jp][2 * z + 1] = _mm512_permutex2var_epi16(a, ihi, b);
       }
     }
-    const __m512 sc = _mm512_set1_ps(scale);
-    for (int r = first; r < R; ++r) {
-      const int64_t visible = limit[r] - t0;  // keys of this tile the row sees
-      const int nv = static_cast<int>(visible < n ? visible : n);
-      const __mmask16 v0 = static_cast<__mmask16>(nv >= 16 ? 0xffffu : (1u << nv) - 1u);
-      const __mmask16 v1 = static_cast<__mmask16>(nv <= 16 ? 0u : nv >= 32 ? 0xffffu : (1u << (nv - 16)) - 1u);
-      const __m512 s0 = _mm512_mask_mov_ps(neg_inf, v0, _mm512_mul_ps(_mm512_load_ps(scores[r]), sc));
-      const __m512 s1 = _mm512_mask_mov_ps(neg_inf, v1, _mm512_mul_ps(_mm512_load_ps(scores[r] + 16), sc));
-      const float tile_max = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
-      const float new_max = tile_max > m[r] ? tile_max : m[r];
-      const float correction = l[r] > 0.f ? std::exp(m[r] - new_max) : 0.f;
-      const __m512 mx = _mm512_set1_ps(new_max);
-      const __m512 e0 = _mm512_maskz_mov_ps(v0, exp16(_mm512_sub_ps(s0, mx)));
-      const __m512 e1 = _mm512_maskz_mov_ps(v1, exp16(_mm512_sub_ps(s1, mx)));
-      l[r] = l[r] * correction + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
-      m[r] = new_max;
-      const __m512 c = _mm512_set1_ps(correction);
-      for (int o = 0; o < NO; ++o) acc[r][o] = _mm512_mul_ps(acc[r][o], c);
-      const __m256bh pb0 = _mm512_cvtneps_pbh(e0), pb1 = _mm512_cvtneps_pbh(e1);
-      std::memcpy(pairs, &pb0, sizeof pb0);
-      std::memcpy(pairs + 8, &pb1, sizeof pb1);
-      for (int jp = 0; jp < (nv + 1) / 2; ++jp) {
-        const __m512bh b = as_bh(_mm512_set1_epi32(static_cast<int32_t>(pairs[jp])));
-        for (int o = 0; o < NO; ++o) acc[r][o] = _mm512_dpbf16_ps(acc[r][o], b, as_bh(vp[jp][o]));
-      }
+    // Online softmax, 16 rows per vector: a row sees key t0 + j when j < limit - t0.
+    for (int rb = 0; rb < RB; ++rb) {
+      if (lim[16 * rb] - t0 >= n)  // limits grow with the row: every row sees every key
+        softmax_tile<RB, true>(S, rb, n, ne, _mm512_setzero_si512(), smax[rb], sc, m[rb], l[rb],
+                               P, corr);
+      else
+        softmax_tile<RB, false>(S, rb, n, ne,
+                                _mm512_sub_epi32(_mm512_load_si512(lim + 16 * rb),
+                                                 _mm512_set1_epi32(static_cast<int32_t>(t0))),
+                                smax[rb], sc, m[rb], l[rb], P, corr);
     }
+    for (int r = 0; r < Rp; ++r) {
+      const int64_t visible = r < R ? limit[r] - t0 : 0;
+      const int nv = static_cast<int>(visible < 0 ? 0 : visible < n ? visible : n);
+      pairs[r] = (nv + 1) / 2;
+    }
+    tile_pv<NO, RR>(acc, P, corr, vp, pairs, Rp);
   }
+  alignas(64) float lsum[L];
+  for (int rb = 0; rb < RB; ++rb) _mm512_store_ps(lsum + 16 * rb, l[rb]);
   for (int r = 0; r < R; ++r) {
-    const __m512 inv = _mm512_set1_ps(l[r] > 0.f ? 1.f / l[r] : 0.f);
+    const __m512 inv = _mm512_set1_ps(lsum[r] > 0.f ? 1.f / lsum[r] : 0.f);
     for (int o = 0; o < NO; ++o) store16(orows[r] + 16 * o, _mm512_mul_ps(acc[r][o], inv));
   }
+}
+
+// The instantiation for head_dim 32 * DZ and R rows.
+template <int DZ>
+void prefill_rows(const uint16_t* const* qrows, const int64_t* limit, int R, int64_t span,
+                  const uint16_t* k, const uint16_t* v, const int64_t* rs, const int64_t* rl,
+                  int64_t nr, uint16_t* const* orows, float scale) {
+  if (R <= 16)
+    prefill_block<DZ, 1>(qrows, limit, R, span, k, v, rs, rl, nr, orows, scale);
+  else if (R <= 32)
+    prefill_block<DZ, 2>(qrows, limit, R, span, k, v, rs, rl, nr, orows, scale);
+  else
+    prefill_block<DZ, 3>(qrows, limit, R, span, k, v, rs, rl, nr, orows, scale);
 }
 #endif  // DOCPIPE_PREFILL
 
@@ -185,7 +296,7 @@ int docpipe_prefill_attention(int dtype, int kv_dtype, const void* q_, int64_t q
 #ifdef DOCPIPE_PREFILL
   if (Hkv < 1 || H % Hkv != 0 || !docpipe_prefill_supported(dtype, kv_dtype, D, H / Hkv)) return 0;
   const int G = H / Hkv;
-  const int positions = kMaxRows / G < 16 ? kMaxRows / G : 16;  // per block
+  const int positions = kMaxRows / G;  // per block
   const auto* q = static_cast<const uint16_t*>(q_);
   const auto* k = static_cast<const uint16_t*>(k_);
   const auto* v = static_cast<const uint16_t*>(v_);
@@ -222,9 +333,9 @@ int docpipe_prefill_attention(int dtype, int kv_dtype, const void* q_, int64_t q
     const uint16_t* kh = k + item.h * kv_head_stride;
     const uint16_t* vh = v + item.h * kv_head_stride;
     if (D == 64)
-      prefill_block<2>(qrows, limit, R, span, kh, vh, rs, rl, nr, orows, scale);
+      prefill_rows<2>(qrows, limit, R, span, kh, vh, rs, rl, nr, orows, scale);
     else
-      prefill_block<4>(qrows, limit, R, span, kh, vh, rs, rl, nr, orows, scale);
+      prefill_rows<4>(qrows, limit, R, span, kh, vh, rs, rl, nr, orows, scale);
   }
   return 1;
 #else
