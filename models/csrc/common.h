@@ -46,7 +46,7 @@ inline float exp_nonpositive(float x) {
 
 // Softmax weights exp(x) in the vector kernels (exp_weight8/16), cheaper than exp_nonpositive:
 // 2^f by this degree-5 near-minimax polynomial on [-0.5, 0.5] (relative error < 3e-7 in fp32;
-// PyTorch's flash kernel uses a coarser exp), 2^n added to the exponent bits, and 0 below
+// PyTorch's flash kernel uses a coarser exp), 2^n exact (exponent bits, or scalef), and 0 below
 // exp(-87) instead of denormals (weights next to the row maximum's 1: no effect on a sum).
 constexpr float kExpWeight[6] = {1.0000000716546560f, 6.9314696706386440e-1f,
                                  2.4022119723933838e-1f, 5.5507132749609900e-2f,
@@ -111,10 +111,9 @@ inline __m512 exp_weight16(__m512 x) {
   const __m512 f = _mm512_sub_ps(y, n);
   __m512 p = _mm512_set1_ps(kExpWeight[5]);
   for (int i = 4; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExpWeight[i]));
-  const __m512i bits = _mm512_add_epi32(_mm512_castps_si512(p),
-                                        _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23));
+  // p * 2^n: the same bits as adding n to p's exponent, for the normal results kept
   const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GT_OQ);
-  return _mm512_maskz_mov_ps(normal, _mm512_castsi512_ps(bits));
+  return _mm512_maskz_scalef_ps(normal, p, n);
 }
 
 // 16 fp32 values stored as T, rounded as to_bf16() rounds.

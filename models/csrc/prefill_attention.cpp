@@ -43,18 +43,6 @@ constexpr int T = 32;         // keys per tile
 inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh&>(x); }
 inline __m512i as_si(__m512bh x) { return reinterpret_cast<__m512i&>(x); }
 
-// Softmax weights exp(x) for x <= 0: kExpWeight's degree-5 polynomial (common.h) for 2^f, 2^n
-// by scalef (0 far below); a weight is rounded to bf16 before it multiplies V, so its last
-// fp32 bits never reach the output.
-inline __m512 exp_prob16(__m512 x) {
-  const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(y, n);
-  __m512 p = _mm512_set1_ps(kExpWeight[5]);
-  for (int i = 4; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExpWeight[i]));
-  return _mm512_scalef_ps(p, n);
-}
-
 // Keys [t0, t0 + n) of a sequence laid out in runs, as row pointers (cursor advanced in place).
 struct KeyCursor {
   const int64_t* start;
@@ -151,8 +139,8 @@ inline void softmax_tile(float (*S)[16 * RB], int rb, int n, int ne, __m512i vis
   const __m512 c = _mm512_maskz_mov_ps(seen, exp16(_mm512_sub_ps(m, m_new)));
   __m512 sum = _mm512_setzero_ps();
   for (int j = 0; j < ne; j += 2) {
-    __m512 e0 = exp_prob16(_mm512_fmsub_ps(_mm512_load_ps(S[j] + 16 * rb), sc, m_new));
-    __m512 e1 = exp_prob16(_mm512_fmsub_ps(_mm512_load_ps(S[j + 1] + 16 * rb), sc, m_new));
+    __m512 e0 = exp_weight16(_mm512_fmsub_ps(_mm512_load_ps(S[j] + 16 * rb), sc, m_new));
+    __m512 e1 = exp_weight16(_mm512_fmsub_ps(_mm512_load_ps(S[j + 1] + 16 * rb), sc, m_new));
     if (!kFull || j + 1 >= n) {
       const __m512i jv = _mm512_set1_epi32(j);
       e0 = _mm512_maskz_mov_ps(kFull ? __mmask16(0xffff) : _mm512_cmpgt_epi32_mask(vis, jv), e0);
