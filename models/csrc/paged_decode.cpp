@@ -29,7 +29,7 @@ namespace {
 
 constexpr int kMaxGroup = 16;   // query heads per KV head
 constexpr int kMaxDim = 256;    // head_dim
-constexpr int kTile = 16;       // keys per softmax update
+constexpr int kTile = 16;       // keys per softmax update (the AVX-512 register path: 32)
 
 // DT > 0: head_dim known at compile time (fully vectorised loops); DT == 0: runtime D.
 template <typename TQ, typename TK, int DT>
@@ -104,8 +104,9 @@ void decode_item(const TQ* q, const TK* k, const TK* v, TQ* out, const int64_t* 
 #ifdef __AVX512F__
 // AVX-512 path for head_dim = 16 * NV and G query heads per KV head, both known at compile
 // time so the queries and accumulators stay in registers (for the shapes pick() sends here).
-// Scores of a tile of 16 keys are reduced together (a transpose-and-add tree) instead of one
-// horizontal sum per key.
+// Scores of 16 keys are reduced together (a transpose-and-add tree) instead of one horizontal
+// sum per key, and the online softmax updates once per 32 keys (two such halves), halving its
+// per-head reductions, scalar exp and accumulator rescaling per key.
 
 template <typename TQ, typename TK, int G, int NV>
 void decode_item_avx512(const TQ* q, const TK* k, const TK* v, TQ* out, const int64_t* run_start,
@@ -123,37 +124,52 @@ void decode_item_avx512(const TQ* q, const TK* k, const TK* v, TQ* out, const in
     m[g] = -INFINITY;
     l[g] = 0.f;
   }
-  alignas(64) float p[G][16];
+  constexpr int TT = 32;  // keys per softmax update: two 16-key halves
+  alignas(64) float p[G][TT];
   __m512 part[G][16];
   for (int64_t r = 0; r < num_runs; ++r) {
     const int64_t first = run_start[r], count = run_len[r];
-    for (int64_t t0 = 0; t0 < count; t0 += 16) {
-      const int n = static_cast<int>(count - t0 < 16 ? count - t0 : 16);
+    for (int64_t t0 = 0; t0 < count; t0 += TT) {
+      const int n = static_cast<int>(count - t0 < TT ? count - t0 : TT);
       const TK* kt = k + (first + t0) * D;
       const TK* vt = v + (first + t0) * D;
-      for (int j = 0; j < 16; ++j) {
-        if (j >= n) {
-          for (int g = 0; g < G; ++g) part[g][j] = _mm512_setzero_ps();
-          continue;
+      __m512 s[G][2];
+      for (int half = 0; half < 2; ++half) {
+        for (int j = 0; j < 16; ++j) {
+          const int jj = 16 * half + j;
+          if (jj >= n) {
+            for (int g = 0; g < G; ++g) part[g][j] = _mm512_setzero_ps();
+            continue;
+          }
+          __m512 kr[NV];
+          for (int i = 0; i < NV; ++i) kr[i] = load16(kt + jj * D + 16 * i);
+          for (int g = 0; g < G; ++g) {
+            __m512 t = _mm512_mul_ps(qv[g][0], kr[0]);
+            for (int i = 1; i < NV; ++i) t = _mm512_fmadd_ps(qv[g][i], kr[i], t);
+            part[g][j] = t;
+          }
         }
-        __m512 kr[NV];
-        for (int i = 0; i < NV; ++i) kr[i] = load16(kt + j * D + 16 * i);
-        for (int g = 0; g < G; ++g) {
-          __m512 t = _mm512_mul_ps(qv[g][0], kr[0]);
-          for (int i = 1; i < NV; ++i) t = _mm512_fmadd_ps(qv[g][i], kr[i], t);
-          part[g][j] = t;
+        for (int g = 0; g < G; ++g) s[g][half] = reduce16(part[g]);
+        if (n <= 16) {
+          for (int g = 0; g < G; ++g) s[g][1] = _mm512_set1_ps(-INFINITY);
+          break;
         }
       }
-      const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+      const __mmask16 v0 = static_cast<__mmask16>(n >= 16 ? 0xffffu : (1u << n) - 1u);
+      const __mmask16 v1 = static_cast<__mmask16>(n <= 16 ? 0u : n >= 32 ? 0xffffu : (1u << (n - 16)) - 1u);
       for (int g = 0; g < G; ++g) {
-        const __m512 s = reduce16(part[g]);
-        const float tile_max = _mm512_mask_reduce_max_ps(valid, s);
+        const __m512 s0 = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), v0, s[g][0]);
+        const __m512 s1 = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), v1, s[g][1]);
+        const float tile_max = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
         const float new_max = tile_max > m[g] ? tile_max : m[g];
         const float correction = l[g] > 0.f ? std::exp(m[g] - new_max) : 0.f;
-        const __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(s, _mm512_set1_ps(new_max))));
-        l[g] = l[g] * correction + _mm512_reduce_add_ps(e);
+        const __m512 mx = _mm512_set1_ps(new_max);
+        const __m512 e0 = _mm512_maskz_mov_ps(v0, exp16(_mm512_sub_ps(s0, mx)));
+        const __m512 e1 = _mm512_maskz_mov_ps(v1, exp16(_mm512_sub_ps(s1, mx)));
+        l[g] = l[g] * correction + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
         m[g] = new_max;
-        _mm512_store_ps(p[g], e);
+        _mm512_store_ps(p[g], e0);
+        _mm512_store_ps(p[g] + 16, e1);
         const __m512 c = _mm512_set1_ps(correction);
         for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_mul_ps(acc[g][i], c);
       }
