@@ -25,7 +25,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "common.h"
@@ -61,8 +60,9 @@ struct KeyCursor {
 };
 
 // S[j][r] = q_r . k_j for the tile's keys j < n (rounded up to KB; the keys past n are
-// stand-ins: copies of key 0) and smax[rb] their maximum per row, the block's rows in the lanes: RB vectors of 16 rows x KB keys of
-// accumulators, one broadcast of a key pair feeding RB vdpbf16ps.
+// stand-ins: copies of key 0) and smax[rb] their maximum per row, the block's rows in the
+// lanes: RB vectors of 16 rows x KB keys of accumulators, one broadcast of a key pair feeding
+// RB vdpbf16ps.
 template <int D, int RB>
 inline void tile_scores(const uint32_t (*qT)[16 * RB], const uint16_t* const* rows, int n,
                         float (*S)[16 * RB], __m512* smax) {
@@ -141,12 +141,11 @@ inline void softmax_tile(float (*S)[16 * RB], int rb, int n, int ne, __m512i vis
   for (int j = 0; j < ne; j += 2) {
     __m512 e0 = exp_weight16(_mm512_fmsub_ps(_mm512_load_ps(S[j] + 16 * rb), sc, m_new));
     __m512 e1 = exp_weight16(_mm512_fmsub_ps(_mm512_load_ps(S[j + 1] + 16 * rb), sc, m_new));
-    if (!kFull || j + 1 >= n) {
-      const __m512i jv = _mm512_set1_epi32(j);
-      e0 = _mm512_maskz_mov_ps(kFull ? __mmask16(0xffff) : _mm512_cmpgt_epi32_mask(vis, jv), e0);
-      e1 = _mm512_maskz_mov_ps(kFull ? __mmask16(j + 1 < n ? 0xffff : 0)
-                                     : _mm512_cmpgt_epi32_mask(vis, _mm512_add_epi32(jv, _mm512_set1_epi32(1))),
-                               e1);
+    if (!kFull) {
+      e0 = _mm512_maskz_mov_ps(_mm512_cmpgt_epi32_mask(vis, _mm512_set1_epi32(j)), e0);
+      e1 = _mm512_maskz_mov_ps(_mm512_cmpgt_epi32_mask(vis, _mm512_set1_epi32(j + 1)), e1);
+    } else if (j + 1 >= n) {
+      e1 = _mm512_setzero_ps();  // the pad key of an odd tile
     }
     sum = _mm512_add_ps(_mm512_add_ps(sum, e0), e1);
     const __m512i pb = _mm512_permutexvar_epi16(ip, as_si(_mm512_cvtne2ps_pbh(e1, e0)));
