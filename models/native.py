@@ -6,6 +6,8 @@ BF16 intrinsics, say) leaves the others working:
 `csrc/paged_decode.cpp`: decode attention reading K/V in place from the paged cache; q and the
     cache may differ in type (fp32 q, bf16 cache). AVX-512 and AVX2 + FMA paths for head_dim
     64/128/256 and up to 16 query heads per KV head, a portable one for any other shape.
+`csrc/prefill_attention_amx.cpp`: causal prefill attention for bf16 on AMX tiles (Intel Sapphire
+    Rapids and later), head_dim 64.
 `csrc/prefill_attention.cpp`: causal prefill attention for bf16 (AVX-512 BF16 CPUs).
 `csrc/prefill_attention_f32.cpp`: causal prefill attention for fp32 queries over an fp32 or
     bf16 cache (AVX2 + FMA or AVX-512), head_dim 64/128/256.
@@ -68,6 +70,7 @@ SOURCES = {
         "docpipe_paged_decode_path": ([_int, _int, _int, _int], _int),
         "docpipe_paged_decode_simd_width": ([], _int),
     }),
+    "prefill_attention_amx.cpp": ("AMX bf16 prefill attention", _PREFILL),
     "prefill_attention.cpp": ("bf16 prefill attention", _PREFILL),
     "prefill_attention_f32.cpp": ("fp32 prefill attention", _PREFILL),
     "elementwise.cpp": ("RMSNorm, SwiGLU and rotary embedding", {
@@ -85,7 +88,8 @@ SOURCES = {
     }),
 }
 # Prefill libraries in order of preference: the first that supports a shape computes it.
-PREFILL_SOURCES = ["prefill_attention.cpp", "prefill_attention_f32.cpp"]
+PREFILL_SOURCES = ["prefill_attention_amx.cpp", "prefill_attention.cpp",
+                   "prefill_attention_f32.cpp"]
 
 
 def cache_dir() -> Path:
@@ -211,7 +215,8 @@ def decode_simd_width() -> int:
 def prefill_attention(dtype: torch.dtype, kv_dtype: torch.dtype, head_dim: int, group: int):
     """Causal prefill attention (`docpipe_prefill_attention` of the first library of
     PREFILL_SOURCES that computes these dtypes and shape on this CPU), else None: bf16 on
-    AVX-512 BF16; fp32 queries over an fp32 or bf16 cache on AVX2 + FMA or AVX-512."""
+    AVX-512 BF16 (on AMX for head_dim 64 where the CPU has it); fp32 queries over an fp32 or bf16
+    cache on AVX2 + FMA or AVX-512."""
     if dtype not in DTYPES or kv_dtype not in DTYPES:
         return None
     for source in PREFILL_SOURCES:

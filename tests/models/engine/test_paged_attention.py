@@ -273,6 +273,23 @@ def test_native_decode_uses_the_avx512_path_where_built():
     assert native.decode_path(torch.bfloat16, torch.float32, 3, 64) is None  # not a pair it takes
 
 
+def test_native_prefill_takes_amx_where_the_cpu_has_it():
+    """On a CPU with AMX (and a compiler that knows its intrinsics: g++ 11 and later) bf16
+    prefill of head_dim 64 runs on the AMX library, the fastest there; other shapes fall to
+    the AVX-512 BF16 one."""
+    info = cpu_info()
+    if not {"amx_bf16", "amx_tile"} <= info.flags or info.forced or native.paged_decode() is None:
+        pytest.skip("this CPU (or forced ISA level) has no AMX")
+    amx = native.library().get("prefill_attention_amx.cpp")
+    assert amx is not None and amx.docpipe_prefill_supported(1, 1, 64, 3), "AMX build unused"
+    assert native.prefill_attention(torch.bfloat16, torch.bfloat16, 64, 3) is (
+        amx.docpipe_prefill_attention)
+    assert not amx.docpipe_prefill_supported(1, 1, 128, 3)
+    assert not amx.docpipe_prefill_supported(0, 0, 64, 3)  # fp32: the f32 library's
+    avx512 = native.library()["prefill_attention.cpp"].docpipe_prefill_attention
+    assert native.prefill_attention(torch.bfloat16, torch.bfloat16, 128, 4) is avx512
+
+
 def _prefill_batch(heads, kv_heads, dim, dtype, kv_dtype, seed=5):
     """A layer and a step mixing fresh prompts, prompts after cached keys (in two runs of
     slots), and decodes; block size 16, lengths not multiples of it."""
@@ -300,6 +317,34 @@ def _prefill_batch(heads, kv_heads, dim, dtype, kv_dtype, seed=5):
     return attn, x, cos, sin, spans, torch.cat(slots), (k_cache, v_cache)
 
 
+# What each prefill library computes, for the skip messages (native.PREFILL_SOURCES).
+PREFILL_NEEDS = {"prefill_attention_amx.cpp": "bf16 with head_dim 64 on a CPU with AMX",
+                 "prefill_attention.cpp": "bf16 with head_dim 64/128 on AVX-512 BF16",
+                 "prefill_attention_f32.cpp": "fp32 queries, head_dim 64/128/256, on AVX2 + FMA"}
+
+
+@pytest.fixture(params=native.PREFILL_SOURCES,
+                ids=[s.removesuffix(".cpp").replace("prefill_attention", "prefill") for s in
+                     native.PREFILL_SOURCES])
+def prefill_source(request, monkeypatch):
+    """One prefill library at a time: `native.prefill_attention` takes the first of
+    PREFILL_SOURCES that computes a shape, so without this a CPU would test only the one it
+    prefers (an AMX machine: never the AVX-512 BF16 kernel)."""
+    monkeypatch.setattr(native, "PREFILL_SOURCES", [request.param])
+    return request.param
+
+
+def _prefill_kernel_or_skip(source, dtype, kv_dtype, dim, group):
+    kernel = native.prefill_attention(dtype, kv_dtype, dim, group)
+    if kernel is None:
+        if source == "prefill_attention_f32.cpp" and dtype == torch.float32 and (
+                dim in (64, 128, 256)):
+            # fp32 prefill runs on AVX2 + FMA and AVX-512: any x86-64-v3 CPU has it
+            assert not cpu_info().is_x86 or cpu_info().level == "baseline", "no fp32 prefill kernel"
+        pytest.skip(f"csrc/{source} computes {PREFILL_NEEDS[source]}: not this case or build")
+    return kernel
+
+
 @pytest.mark.parametrize("align", [None, 256], ids=["one-call", "aligned-groups"])
 @pytest.mark.parametrize("dtype,kv_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
 @pytest.mark.parametrize("heads,kv_heads,dim",
@@ -307,15 +352,8 @@ def _prefill_batch(heads, kv_heads, dim, dtype, kv_dtype, seed=5):
                          ids=["gqa-64", "mha-128", "mqa8-64", "gemma-256", "mqa16-128"])
 def test_native_prefill_matches_torch_path_and_is_batch_invariant(heads, kv_heads, dim, dtype,
                                                                   kv_dtype, align, isa,
-                                                                  monkeypatch):
-    kernel = native.prefill_attention(dtype, kv_dtype, dim, heads // kv_heads)
-    if kernel is None:
-        if dtype == torch.bfloat16:
-            pytest.skip("this CPU or build has no native bf16 prefill kernel (needs AVX-512 "
-                        "BF16, and head_dim 64/128)")
-        # fp32 prefill runs on AVX2 + FMA and AVX-512: any x86-64-v3 CPU has it
-        assert not cpu_info().is_x86 or cpu_info().level == "baseline", "no fp32 prefill kernel"
-        pytest.skip("no fp32 prefill kernel on this CPU (needs AVX2 + FMA)")
+                                                                  prefill_source, monkeypatch):
+    kernel = _prefill_kernel_or_skip(prefill_source, dtype, kv_dtype, dim, heads // kv_heads)
     attn, x, cos, sin, spans, slots, cache = _prefill_batch(heads, kv_heads, dim, dtype, kv_dtype)
     caches = [tuple(c.clone() for c in cache) for _ in range(2)]
     got = attn(x, cos, sin, AttentionMetadata(spans, slots, align), caches[0])
@@ -344,3 +382,52 @@ def test_native_prefill_matches_torch_path_and_is_batch_invariant(heads, kv_head
         assert attn._native_call(kernel, q[rows], caches[0], one,
                                  alone.native_plan(None, q.device, True).prefill)
         assert torch.equal(one, batch[rows]), f"span at row {span.q_start} depends on the batch"
+
+
+@pytest.mark.parametrize("dtype,kv_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (16, 1)], ids=["gqa", "mqa16"])
+@pytest.mark.parametrize("cached", [0, 45])
+def test_native_prefill_when_later_keys_dominate(dtype, kv_dtype, heads, kv_heads, cached,
+                                                 prefill_source):
+    """Keys far into the sequence whose scores exceed everything before them by 12-24 nats:
+    the kernels' running maximum must rise and their earlier sums and outputs be rescaled
+    (the AMX kernel does so only when a weight would pass 2^8). Against softmax in fp32 over
+    the same rounded K/V, and each row the same bits alone."""
+    D, G = 64, heads // kv_heads
+    kernel = _prefill_kernel_or_skip(prefill_source, dtype, kv_dtype, D, G)
+    g = torch.Generator().manual_seed(8)
+    new = 300
+    ctx = cached + new
+    u = torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0)
+    q = (torch.randn(new, heads, D, generator=g) + 3 * u).to(dtype)
+    k = torch.randn(kv_heads, ctx, D, generator=g)
+    for pos, alpha in ((60, 32.0), (170, 48.0), (290, 64.0)):  # scaled scores ~12, 18, 24
+        k[:, pos] = k[:, pos] * 0.5 + alpha * u
+    v = torch.randn(kv_heads, ctx, D, generator=g)
+    # the cache: keys in two runs of slots, behind some unused ones
+    k_cache = torch.zeros(kv_heads, ctx + 64, D).to(kv_dtype)
+    v_cache = torch.zeros_like(k_cache)
+    half = ctx // 2
+    runs = [slice(5, 5 + half), slice(40 + half, 40 + ctx)]
+    flat = torch.cat([torch.arange(r.start, r.stop) for r in runs])
+    k_cache[:, flat], v_cache[:, flat] = k.to(kv_dtype), v.to(kv_dtype)
+    # softmax(q k^T / sqrt(D)) v in fp32, causal, over the cache's rounded K/V
+    kf = k_cache[:, flat].float().repeat_interleave(G, 0)
+    vf = v_cache[:, flat].float().repeat_interleave(G, 0)
+    scores = torch.einsum("nhd,hkd->hnk", q.float(), kf) / math.sqrt(D)
+    visible = torch.arange(ctx).unsqueeze(0) <= (cached + torch.arange(new)).unsqueeze(1)
+    want = torch.einsum("hnk,hkd->nhd", scores.masked_fill(~visible, float("-inf")).softmax(-1), vf)
+    assert (scores.masked_fill(~visible, float("-inf")).amax(-1) > 11).float().mean() > 0.5
+    attn = _llama_layer(heads, kv_heads, D, dtype, g)[1]
+    meta = AttentionMetadata([SeqSpan(0, new, ctx, 0, runs, ctx)], flat[cached:], 256)
+    got = torch.zeros_like(q)
+    assert attn._native_call(kernel, q, (k_cache, v_cache), got,
+                             meta.native_plan(None, q.device, True).prefill)
+    tol = _tolerance(dtype)
+    torch.testing.assert_close(got.float(), want, atol=tol * want.abs().max().item(), rtol=tol)
+    # rows 256.. alone (their own group under align 256) give the same bits
+    alone = AttentionMetadata([SeqSpan(0, new - 256, ctx, 0, runs, ctx)], flat[cached + 256:], 256)
+    one = torch.zeros_like(q[256:])
+    assert attn._native_call(kernel, q[256:], (k_cache, v_cache), one,
+                             alone.native_plan(None, q.device, True).prefill)
+    assert torch.equal(one, got[256:])
