@@ -212,10 +212,25 @@ def linear_shapes(model) -> list[tuple[int, int]]:
             if isinstance(m, (Linear, PackedLinear))]
 
 
-def measure_gemm_peak(shapes: list[tuple[int, int]], m: int, dtype, repeats: int = 3) -> float:
-    """FLOP/s of `F.linear` in `dtype` on the given weight shapes at `m` rows: each distinct
-    shape timed (best of `repeats`), weighted by how often it occurs; i.e. the rate at which
-    the model's own matmuls run when nothing else is in the way."""
+def best_of_interleaved(fns: dict, repeats: int) -> dict:
+    """Seconds of the fastest call of each of `fns` (name -> callable), after one warm-up call
+    each, timed in turns: round r calls every fn once. On a shared host whose speed drifts
+    (2-vCPU cloud machines: the same pass 1.5-2.5x apart minutes apart), a ratio of bests
+    taken in turns compares like with like; bests taken one after the other do not."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def gemm_peak_fns(shapes: list[tuple[int, int]], m: int, dtype) -> dict:
+    """One `F.linear` in `dtype` at `m` rows per distinct weight shape, as {("gemm", n, k,
+    count): callable}, for `best_of_interleaved`; `gemm_peak` turns their times into FLOP/s."""
     import torch
     import torch.nn.functional as F
 
@@ -223,12 +238,27 @@ def measure_gemm_peak(shapes: list[tuple[int, int]], m: int, dtype, repeats: int
     for s in shapes:
         counts[s] = counts.get(s, 0) + 1
     gen = torch.Generator().manual_seed(0)
+    fns = {}
+    for (n, k), c in counts.items():
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        w = torch.randn(n, k, generator=gen).to(dtype)
+
+        def fn(x=x, w=w):
+            with torch.inference_mode():
+                F.linear(x, w)
+        fns[("gemm", n, k, c)] = fn
+    return fns
+
+
+def gemm_peak(best: dict, m: int) -> float:
+    """FLOP/s of the model's own matmul shapes (the `gemm_peak_fns` entries of `best`), each
+    shape's best time weighted by how often it occurs: the rate at which the model's matmuls
+    run when nothing else is in the way."""
     flops = seconds = 0.0
-    with torch.inference_mode():
-        for (n, k), c in counts.items():
-            x = torch.randn(m, k, generator=gen).to(dtype)
-            w = torch.randn(n, k, generator=gen).to(dtype)
-            seconds += c * best_of(lambda x=x, w=w: F.linear(x, w), repeats)
+    for key, t in best.items():
+        if isinstance(key, tuple) and key[0] == "gemm":
+            _, n, k, c = key
+            seconds += c * t
             flops += c * 2.0 * m * n * k
     return flops / seconds
 

@@ -3,8 +3,9 @@
     python benchmarks/forward.py [--model smollm2-135m-instruct] [--tokens 2048] [--dtype auto]
                                  [--isa native|avx2]
 
-Inputs are seeded random token ids. Each side does a warm-up pass, then the best of --repeats
-timed passes. docpipe computes logits for the last position only (what prefill needs);
+Inputs are seeded random token ids. Each side does a warm-up pass, then --repeats rounds that
+time docpipe, transformers and the GEMM peak's shapes in turns; the best of each is kept (on a
+shared host whose speed drifts, only measurements taken in turns compare). docpipe computes logits for the last position only (what prefill needs);
 transformers is asked for the same with `logits_to_keep=1`, in the same dtype as docpipe
 (--dtype auto: bf16 on CPUs with native bf16, else fp32; the header says which).
 
@@ -13,8 +14,8 @@ from it (the ratio uses this; goal >= 1.3). Its cache-less path (tests and scori
 printed too.
 
 Roofline: the peak GEMM rate is measured in the compute dtype with `F.linear` on the model's
-own linear weight shapes at M = --tokens rows (best of a few per shape, weighted by how often
-each occurs). The model's FLOPs for the prompt are 2 x matmul weights per token, QK^T and PV
+own linear weight shapes at M = --tokens rows (best per shape, in the same rounds, weighted by how
+often each occurs). The model's FLOPs for the prompt are 2 x matmul weights per token, QK^T and PV
 over the causal context, and the vocabulary projection for the last row only; the prefill rate
 is printed as a share of the tokens/s that peak allows (goal >= 85%).
 
@@ -38,7 +39,8 @@ def main() -> None:
     ap.add_argument("--quantization", default="auto",
                     help="auto (the engine's default: GGUF weights kept packed), gguf or none "
                          "(dequantized at load)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="rounds; each times every side once, in turns (best of each kept)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     common.add_isa_argument(ap)
     args = ap.parse_args()
@@ -78,9 +80,6 @@ def main() -> None:
         hidden = ours(ids, pos, AttentionMetadata.for_dense([n]))
         return ours.compute_logits(hidden[-1:])
 
-    t_ours = common.best_of(run_ours, args.repeats)
-    t_dense = common.best_of(run_ours_dense, args.repeats)
-
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(args.model)
@@ -94,13 +93,17 @@ def main() -> None:
     def run_ref():
         return ref(ids.unsqueeze(0), logits_to_keep=1, use_cache=False).logits
 
-    t_ref = common.best_of(run_ref, args.repeats)
+    # docpipe, its cache-less path, transformers and the GEMM peak's shapes timed in turns
+    fns = {"ours": run_ours, "dense": run_ours_dense, "ref": run_ref,
+           **common.gemm_peak_fns(common.linear_shapes(ours), n, dtype)}
+    best = common.best_of_interleaved(fns, args.repeats)
+    t_ours, t_dense, t_ref = best["ours"], best["dense"], best["ref"]
     with torch.inference_mode():
         ref_logits = run_ref()[0].float()
         diff = (run_ours().float() - ref_logits).abs().max().item()
         diff_dense = (run_ours_dense().float() - ref_logits).abs().max().item()
 
-    gemm_peak = common.measure_gemm_peak(common.linear_shapes(ours), n, dtype)
+    gemm_peak = common.gemm_peak(best, n)
     flops = common.prefill_flops(ours, n)
     allowed = n * gemm_peak / flops  # tok/s if every FLOP ran at the measured GEMM peak
 
