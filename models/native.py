@@ -7,7 +7,7 @@ BF16 intrinsics, say) leaves the others working:
     cache may differ in type (fp32 q, bf16 cache). AVX-512 and AVX2 + FMA paths for head_dim
     64/128/256 and up to 16 query heads per KV head, a portable one for any other shape.
 `csrc/prefill_attention_amx.cpp`: causal prefill attention for bf16 on AMX tiles (Intel Sapphire
-    Rapids and later), head_dim 64.
+    Rapids and later), head_dim 64/128/256.
 `csrc/prefill_attention.cpp`: causal prefill attention for bf16 (AVX-512 BF16 CPUs).
 `csrc/prefill_attention_f32.cpp`: causal prefill attention for fp32 queries over an fp32 or
     bf16 cache (AVX2 + FMA or AVX-512), head_dim 64/128/256.
@@ -215,8 +215,8 @@ def decode_simd_width() -> int:
 def prefill_attention(dtype: torch.dtype, kv_dtype: torch.dtype, head_dim: int, group: int):
     """Causal prefill attention (`docpipe_prefill_attention` of the first library of
     PREFILL_SOURCES that computes these dtypes and shape on this CPU), else None: bf16 on
-    AVX-512 BF16 (on AMX for head_dim 64 where the CPU has it); fp32 queries over an fp32 or bf16
-    cache on AVX2 + FMA or AVX-512."""
+    AMX where the CPU has it, else on AVX-512 BF16; fp32 queries over an fp32 or bf16 cache on
+    AVX2 + FMA or AVX-512."""
     if dtype not in DTYPES or kv_dtype not in DTYPES:
         return None
     for source in PREFILL_SOURCES:

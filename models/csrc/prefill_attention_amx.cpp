@@ -46,7 +46,6 @@ namespace {
 constexpr int T = 32;         // keys per tile
 constexpr int kRows = 16;     // rows per block: the lanes of a vector, the columns of a C tile
 constexpr float kLazy = 8.f;  // a row's running max is kept until a weight exceeds 2^kLazy
-constexpr int D = 64;         // head_dim (O^T in 4 tile registers)
 
 // Linux grants a process the AMX tile data only when asked (ARCH_REQ_XCOMP_PERM for
 // XFEATURE_XTILEDATA); once granted, every thread may use it.
@@ -151,13 +150,14 @@ inline __mmask16 softmax_tile(const float (*S)[kRows], __m512i vis, __m512 c, __
   return grow;
 }
 
-// The O^T accumulators (tiles 0-3) multiplied per lane (row) by corr, through memory.
+// The O^T accumulators of head_dim 64 (tiles 0-3) multiplied per lane (row) by corr, through
+// memory.
 inline void rescale(float (*O)[kRows][kRows], __m512 corr) {
   _tile_stored(0, O[0], 64);
   _tile_stored(1, O[1], 64);
   _tile_stored(2, O[2], 64);
   _tile_stored(3, O[3], 64);
-  for (int db = 0; db < D / 16; ++db)
+  for (int db = 0; db < 4; ++db)
     for (int i = 0; i < 16; ++i)
       _mm512_store_ps(O[db][i], _mm512_mul_ps(_mm512_load_ps(O[db][i]), corr));
   _tile_loadd(0, O[0], 64);
@@ -190,11 +190,50 @@ inline void transpose16(__m512* r) {
   }
 }
 
+// P V for head_dim 128 or 256, whose O^T (D/16 C tiles) does not fit the 8 tile registers:
+// four 16-dim slices at a time into tiles 0-3 (P in tile 7), stored, and added to the
+// accumulators in memory, O = O corr + P V where a row's maximum rose (O = P V on the first
+// tile).
+template <int D>
+inline void pv_to_memory(const uint16_t* vtt, float (*O)[kRows][kRows], __m512 corr,
+                         bool first, bool scaled) {
+  alignas(64) float part[4][kRows][kRows];
+  for (int db0 = 0; db0 < D / 16; db0 += 4) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_loadd(6, vtt + (db0 + 0) * 16 * T, 64);
+    _tile_dpbf16ps(0, 6, 7);
+    _tile_loadd(6, vtt + (db0 + 1) * 16 * T, 64);
+    _tile_dpbf16ps(1, 6, 7);
+    _tile_loadd(6, vtt + (db0 + 2) * 16 * T, 64);
+    _tile_dpbf16ps(2, 6, 7);
+    _tile_loadd(6, vtt + (db0 + 3) * 16 * T, 64);
+    _tile_dpbf16ps(3, 6, 7);
+    _tile_stored(0, part[0], 64);
+    _tile_stored(1, part[1], 64);
+    _tile_stored(2, part[2], 64);
+    _tile_stored(3, part[3], 64);
+    for (int d = 0; d < 4; ++d)
+      for (int i = 0; i < 16; ++i) {
+        const __m512 pv = _mm512_load_ps(part[d][i]);
+        float* o = O[db0 + d][i];
+        _mm512_store_ps(o, first    ? pv
+                           : scaled ? _mm512_fmadd_ps(_mm512_load_ps(o), corr, pv)
+                                    : _mm512_add_ps(_mm512_load_ps(o), pv));
+      }
+  }
+}
+
 // One block: rows qrows[0..R) (R <= 16) with key limits `limit` (non-decreasing) over the
 // packed keys kp (ntiles x 32 rows of D) and vt (ntiles x D/16 A tiles of 16 dims x 32 keys).
+// head_dim 64 keeps O^T in tiles 0-3; 128 and 256 in memory (pv_to_memory).
+template <int D>
 void amx_block(const uint16_t* const* qrows, const int64_t* limit, int R, const uint16_t* kp,
                const uint16_t* vt, uint16_t* const* orows, float scale) {
   constexpr int P2 = D / 2;
+  constexpr bool kResident = D == 64;
   // the block's queries as B tiles: qT[p][r] = Q[r][2p .. 2p+1]; tile c is rows 16c .. 16c+15
   alignas(64) uint32_t qT[P2][kRows];
   alignas(64) int32_t lim[kRows];
@@ -210,26 +249,25 @@ void amx_block(const uint16_t* const* qrows, const int64_t* limit, int R, const 
   __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
   const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f);  // log2 units
   const __m512i limv = _mm512_load_si512(lim);
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  if (kResident) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
   const int64_t span = lim[kRows - 1];
   // S^T of the tile at t0 into Sb (tiles 4-5; 6-7 for the operands)
   auto scores = [&](int64_t t0, float (*Sb)[kRows]) {
     const uint16_t* kt = kp + t0 * D;
     _tile_zero(4);
     _tile_zero(5);
-    _tile_loadd(7, qT[0], 64);  // head_dim 0-31
-    _tile_loadd(6, kt, D * 2);
-    _tile_dpbf16ps(4, 6, 7);
-    _tile_loadd(6, kt + 16 * D, D * 2);
-    _tile_dpbf16ps(5, 6, 7);
-    _tile_loadd(7, qT[16], 64);  // head_dim 32-63
-    _tile_loadd(6, kt + 32, D * 2);
-    _tile_dpbf16ps(4, 6, 7);
-    _tile_loadd(6, kt + 16 * D + 32, D * 2);
-    _tile_dpbf16ps(5, 6, 7);
+    for (int c = 0; c < D / 32; ++c) {  // head_dim 32c .. 32c + 31
+      _tile_loadd(7, qT[16 * c], 64);
+      _tile_loadd(6, kt + 32 * c, D * 2);
+      _tile_dpbf16ps(4, 6, 7);
+      _tile_loadd(6, kt + 16 * D + 32 * c, D * 2);
+      _tile_dpbf16ps(5, 6, 7);
+    }
     _tile_stored(4, Sb[0], 64);
     _tile_stored(5, Sb[16], 64);
   };
@@ -245,9 +283,13 @@ void amx_block(const uint16_t* const* qrows, const int64_t* limit, int R, const 
       grow = softmax_tile<false>(
           S[b], _mm512_sub_epi32(limv, _mm512_set1_epi32(static_cast<int32_t>(t0))), sc, m, l, P,
           corr, t0 == 0);
-    if (grow && t0 > 0) rescale(O, corr);  // at t0 = 0 the accumulators are zero
     const uint16_t* vtt = vt + t0 * D;
     _tile_loadd(7, P[0], 64);
+    if (!kResident) {
+      pv_to_memory<D>(vtt, O, corr, t0 == 0, grow != 0);
+      continue;
+    }
+    if (grow && t0 > 0) rescale(O, corr);  // at t0 = 0 the accumulators are zero
     _tile_loadd(6, vtt, 64);
     _tile_dpbf16ps(0, 6, 7);
     _tile_loadd(6, vtt + 16 * T, 64);
@@ -257,10 +299,12 @@ void amx_block(const uint16_t* const* qrows, const int64_t* limit, int R, const 
     _tile_loadd(6, vtt + 48 * T, 64);
     _tile_dpbf16ps(3, 6, 7);
   }
-  _tile_stored(0, O[0], 64);
-  _tile_stored(1, O[1], 64);
-  _tile_stored(2, O[2], 64);
-  _tile_stored(3, O[3], 64);
+  if (kResident) {
+    _tile_stored(0, O[0], 64);
+    _tile_stored(1, O[1], 64);
+    _tile_stored(2, O[2], 64);
+    _tile_stored(3, O[3], 64);
+  }
   // out[r][16 db + i] = O[db][i][r] / l[r]
   alignas(64) float inv[kRows];
   _mm512_store_ps(inv, _mm512_maskz_div_ps(_mm512_cmp_ps_mask(l, _mm512_setzero_ps(), _CMP_GT_OQ),
@@ -276,6 +320,7 @@ void amx_block(const uint16_t* const* qrows, const int64_t* limit, int R, const 
 
 // Keys [32 t, 32 t + 32) of one (group, KV head), from their slots, into K rows and V^T tiles;
 // keys past n are zero.
+template <int D>
 void pack_tile(const int64_t* slot, int64_t n, int64_t t, const uint16_t* k, const uint16_t* v,
                uint16_t* kp, uint16_t* vt) {
   uint16_t* kt = kp + t * T * D;
@@ -292,40 +337,15 @@ void pack_tile(const int64_t* slot, int64_t n, int64_t t, const uint16_t* k, con
     for (int d = 0; d < D; ++d) vtt[(d / 16) * 16 * T + (d % 16) * T + j] = vr[d];
   }
 }
-#endif  // DOCPIPE_AMX
-
-}  // namespace
-
-extern "C" {
-
-// 1 when docpipe_prefill_attention computes these types (0 = float32, 1 = bfloat16: q/out,
-// then the cache) and shape here: bf16, head_dim 64, up to 16 query heads per KV head, on a
-// CPU and OS with AMX.
-int docpipe_prefill_supported(int dtype, int kv_dtype, int D_, int G) {
-#ifdef DOCPIPE_AMX
-  return dtype == 1 && kv_dtype == 1 && D_ == D && G >= 1 && G <= kRows && amx_permitted();
-#else
-  (void)dtype; (void)kv_dtype; (void)D_; (void)G;
-  return 0;
-#endif
-}
-
-// The arguments and result of prefill_attention.cpp's function of this name.
-int docpipe_prefill_attention(int dtype, int kv_dtype, const void* q_, int64_t q_row_stride,
-                              const void* k_, const void* v_, int64_t kv_head_stride, void* out_,
-                              int64_t out_row_stride, const int64_t* g_row0, const int64_t* g_nq,
-                              const int64_t* g_nk, const int64_t* run_off,
-                              const int64_t* run_start, const int64_t* run_len,
-                              int64_t num_groups, int H, int Hkv, int D_, float scale) {
-#ifdef DOCPIPE_AMX
-  if (Hkv < 1 || H % Hkv != 0 || !docpipe_prefill_supported(dtype, kv_dtype, D_, H / Hkv))
-    return 0;
+// docpipe_prefill_attention for bf16 and head_dim D (checked by the caller).
+template <int D>
+void prefill(const uint16_t* q, int64_t q_row_stride, const uint16_t* k, const uint16_t* v,
+             int64_t kv_head_stride, uint16_t* out, int64_t out_row_stride, const int64_t* g_row0,
+             const int64_t* g_nq, const int64_t* g_nk, const int64_t* run_off,
+             const int64_t* run_start, const int64_t* run_len, int64_t num_groups, int H, int Hkv,
+             float scale) {
   const int G = H / Hkv;
   const int positions = kRows / G;  // per block
-  const auto* q = static_cast<const uint16_t*>(q_);
-  const auto* k = static_cast<const uint16_t*>(k_);
-  const auto* v = static_cast<const uint16_t*>(v_);
-  auto* out = static_cast<uint16_t*>(out_);
   // Each group's key slots in order, and where its packed tiles start (per KV head).
   std::vector<int64_t> slot_off(num_groups + 1, 0), tile_off(num_groups + 1, 0);
   for (int64_t g = 0; g < num_groups; ++g) {
@@ -359,7 +379,7 @@ int docpipe_prefill_attention(int dtype, int kv_dtype, const void* q_, int64_t q
     for (int64_t i = 0; i < num_packs; ++i) {
       const Pack p = packs[i];
       const size_t base = (static_cast<size_t>(p.h) * tiles + tile_off[p.group]) * T * D;
-      pack_tile(slots.data() + slot_off[p.group], g_nk[p.group], p.tile,
+      pack_tile<D>(slots.data() + slot_off[p.group], g_nk[p.group], p.tile,
                 k + p.h * kv_head_stride, v + p.h * kv_head_stride, kp.data() + base,
                 vt.data() + base);
     }
@@ -385,16 +405,53 @@ int docpipe_prefill_attention(int dtype, int kv_dtype, const void* q_, int64_t q
         }
       }
       const size_t base = (static_cast<size_t>(item.h) * tiles + tile_off[g]) * T * D;
-      amx_block(qrows, limit, R, kp.data() + base, vt.data() + base, orows, scale);
+      amx_block<D>(qrows, limit, R, kp.data() + base, vt.data() + base, orows, scale);
     }
     _tile_release();
   }
+}
+#endif  // DOCPIPE_AMX
+
+}  // namespace
+
+extern "C" {
+
+// 1 when docpipe_prefill_attention computes these types (0 = float32, 1 = bfloat16: q/out,
+// then the cache) and shape here: bf16, head_dim 64/128/256, up to 16 query heads per KV head,
+// on a CPU and OS with AMX.
+int docpipe_prefill_supported(int dtype, int kv_dtype, int D_, int G) {
+#ifdef DOCPIPE_AMX
+  return dtype == 1 && kv_dtype == 1 && (D_ == 64 || D_ == 128 || D_ == 256) && G >= 1 &&
+         G <= kRows && amx_permitted();
+#else
+  (void)dtype; (void)kv_dtype; (void)D_; (void)G;
+  return 0;
+#endif
+}
+
+// The arguments and result of prefill_attention.cpp's function of this name.
+int docpipe_prefill_attention(int dtype, int kv_dtype, const void* q_, int64_t q_row_stride,
+                              const void* k_, const void* v_, int64_t kv_head_stride, void* out_,
+                              int64_t out_row_stride, const int64_t* g_row0, const int64_t* g_nq,
+                              const int64_t* g_nk, const int64_t* run_off,
+                              const int64_t* run_start, const int64_t* run_len,
+                              int64_t num_groups, int H, int Hkv, int D, float scale) {
+#ifdef DOCPIPE_AMX
+  if (Hkv < 1 || H % Hkv != 0 || !docpipe_prefill_supported(dtype, kv_dtype, D, H / Hkv))
+    return 0;
+  const auto* q = static_cast<const uint16_t*>(q_);
+  const auto* k = static_cast<const uint16_t*>(k_);
+  const auto* v = static_cast<const uint16_t*>(v_);
+  auto* out = static_cast<uint16_t*>(out_);
+  auto* run = D == 64 ? prefill<64> : D == 128 ? prefill<128> : prefill<256>;
+  run(q, q_row_stride, k, v, kv_head_stride, out, out_row_stride, g_row0, g_nq, g_nk, run_off,
+      run_start, run_len, num_groups, H, Hkv, scale);
   return 1;
 #else
   (void)dtype; (void)kv_dtype; (void)q_; (void)q_row_stride; (void)k_; (void)v_;
   (void)kv_head_stride;
   (void)out_; (void)out_row_stride; (void)g_row0; (void)g_nq; (void)g_nk; (void)run_off;
-  (void)run_start; (void)run_len; (void)num_groups; (void)H; (void)Hkv; (void)D_; (void)scale;
+  (void)run_start; (void)run_len; (void)num_groups; (void)H; (void)Hkv; (void)D; (void)scale;
   return 0;
 #endif
 }

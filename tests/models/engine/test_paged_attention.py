@@ -275,8 +275,7 @@ def test_native_decode_uses_the_avx512_path_where_built():
 
 def test_native_prefill_takes_amx_where_the_cpu_has_it():
     """On a CPU with AMX (and a compiler that knows its intrinsics: g++ 11 and later) bf16
-    prefill of head_dim 64 runs on the AMX library, the fastest there; other shapes fall to
-    the AVX-512 BF16 one."""
+    prefill runs on the AMX library, the fastest there; fp32 on the f32 one."""
     info = cpu_info()
     if not {"amx_bf16", "amx_tile"} <= info.flags or info.forced or native.paged_decode() is None:
         pytest.skip("this CPU (or forced ISA level) has no AMX")
@@ -284,10 +283,14 @@ def test_native_prefill_takes_amx_where_the_cpu_has_it():
     assert amx is not None and amx.docpipe_prefill_supported(1, 1, 64, 3), "AMX build unused"
     assert native.prefill_attention(torch.bfloat16, torch.bfloat16, 64, 3) is (
         amx.docpipe_prefill_attention)
-    assert not amx.docpipe_prefill_supported(1, 1, 128, 3)
+    for dim in (128, 256):
+        assert native.prefill_attention(torch.bfloat16, torch.bfloat16, dim, 4) is (
+            amx.docpipe_prefill_attention)
+    assert not amx.docpipe_prefill_supported(1, 1, 32, 3)
+    assert not amx.docpipe_prefill_supported(1, 1, 64, 17)
     assert not amx.docpipe_prefill_supported(0, 0, 64, 3)  # fp32: the f32 library's
-    avx512 = native.library()["prefill_attention.cpp"].docpipe_prefill_attention
-    assert native.prefill_attention(torch.bfloat16, torch.bfloat16, 128, 4) is avx512
+    f32 = native.library()["prefill_attention_f32.cpp"].docpipe_prefill_attention
+    assert native.prefill_attention(torch.float32, torch.float32, 64, 3) is f32
 
 
 def _prefill_batch(heads, kv_heads, dim, dtype, kv_dtype, seed=5):
@@ -318,7 +321,7 @@ def _prefill_batch(heads, kv_heads, dim, dtype, kv_dtype, seed=5):
 
 
 # What each prefill library computes, for the skip messages (native.PREFILL_SOURCES).
-PREFILL_NEEDS = {"prefill_attention_amx.cpp": "bf16 with head_dim 64 on a CPU with AMX",
+PREFILL_NEEDS = {"prefill_attention_amx.cpp": "bf16 with head_dim 64/128/256 on a CPU with AMX",
                  "prefill_attention.cpp": "bf16 with head_dim 64/128 on AVX-512 BF16",
                  "prefill_attention_f32.cpp": "fp32 queries, head_dim 64/128/256, on AVX2 + FMA"}
 
