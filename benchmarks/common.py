@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data" / "moby-dick-100k.txt"
 INSTRUCTION = "Summarize the following text in a few sentences."
-ISA_CHOICES = ("native", "avx2")
+ISA_CHOICES = ("native", "avx2", "avx512_bf16")
 # Set in the re-executed process, so the header can say how the run was started.
 _REEXEC_MARK = "DOCPIPE_BENCH_ISA"
 LLAMA_CPP_MISSING = ("llama.cpp reference: llama_cpp is not importable; install with "
@@ -49,7 +49,8 @@ def isa_environment(level: str) -> dict[str, str]:
 def add_isa_argument(ap) -> None:
     ap.add_argument("--isa", choices=ISA_CHOICES, default="native",
                     help="avx2: re-run this script with isa_environment('avx2') set before torch "
-                         "loads, so docpipe and PyTorch/oneDNN/MKL behave as on an AVX2-only CPU")
+                         "loads, so docpipe and PyTorch/oneDNN/MKL behave as on an AVX2-only CPU; "
+                         "avx512_bf16: on a CPU with AMX, as on one without it")
 
 
 def reexec_for_isa(level: str) -> None:
@@ -350,13 +351,51 @@ def llama_cpp_available() -> bool:
 
 def llama_cpp_rates(gguf_path: Path, prompt: list[int], max_new: int, threads: int,
                     repeats: int = 2) -> dict:
+    """`_llama_cpp_rates` in a child process, so that a crash of llama.cpp's own kernels does
+    not end the benchmark. Where its extra buffer types (weights repacked for AMX and other
+    kernels) die with SIGILL, as llama-cpp-python 0.3.36's AMX matmul does on a 2-vCPU
+    Sapphire Rapids VM (`tileloadd` on a thread with no tile configuration), it runs again
+    without them, and the result says so ("extra_bufts": False)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    for extra_bufts in (True, False):
+        queue = ctx.Queue()
+        child = ctx.Process(target=_llama_cpp_child, args=(
+            queue, gguf_path, prompt, max_new, threads, repeats, extra_bufts))
+        child.start()
+        child.join()
+        if child.exitcode == 0:
+            return queue.get() | {"extra_bufts": extra_bufts}
+        print(f"llama.cpp    : {'with' if extra_bufts else 'without'} its extra buffer types "
+              f"it exited with {child.exitcode} (a negative code is the signal)"
+              + ("; again without them" if extra_bufts else ""))
+    raise RuntimeError("llama.cpp failed with and without its extra buffer types")
+
+
+def _llama_cpp_child(queue, *args) -> None:
+    queue.put(_llama_cpp_rates(*args))
+
+
+def _llama_cpp_rates(gguf_path: Path, prompt: list[int], max_new: int, threads: int,
+                     repeats: int, extra_bufts: bool) -> dict:
     """llama.cpp (llama-cpp-python) on one stream: prefill tok/s of `prompt` (token ids of the
     same GGUF's vocabulary; best of `repeats` after a warm-up) and decode tok/s of `max_new`
     tokens after it (one `eval` per token, the argmax of the last logits fed back: greedy, and
-    never stopping at EOS)."""
+    never stopping at EOS). `extra_bufts` False loads the model with
+    `llama_model_params.use_extra_bufts` off (llama-cpp-python has no argument for it)."""
     import llama_cpp
+    import llama_cpp.llama
     import numpy as np
 
+    if not extra_bufts:
+        default_params = llama_cpp.llama_model_default_params
+
+        def params():
+            p = default_params()
+            p.use_extra_bufts = False
+            return p
+        llama_cpp.llama.llama_cpp.llama_model_default_params = params
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=len(prompt) + max_new + 16,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
 

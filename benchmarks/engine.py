@@ -30,6 +30,7 @@ and prefill tok/s; goal >= 2 each). llama.cpp is compiled for this machine and d
 
 --isa avx2 starts the script again with `models.cpu.isa_environment("avx2")` set before torch
 loads, so docpipe's dtype choice and kernels and PyTorch/oneDNN/MKL behave as on an AVX2 CPU.
+--isa avx512_bf16 does the same on a CPU with AMX, as on an AVX-512 BF16 CPU without it.
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def llama_cpp_section(tok, args) -> None:
     s = ours["stats"]
     isa = "" if args.isa == "native" else "; built for this machine, --isa does not reach it"
     print(f"llama.cpp    : llama-cpp-python {ref['version']}, single stream, n_threads "
-          f"{args.threads}, n_batch {ref['n_batch']}{isa} | prefill {ref['prefill_tok_per_s']:.0f} "
+          f"{args.threads}, n_batch {ref['n_batch']}{isa}"
+          f"{'' if ref['extra_bufts'] else ', no extra buffer types (see above)'} | prefill {ref['prefill_tok_per_s']:.0f} "
           f"tok/s ({len(prompts[0])}-token prompt) | decode {ref['decode_tok_per_s']:.1f} tok/s "
           f"({max_new} tokens)")
     print(f"docpipe x{count}   : max_num_seqs {count}, {count} prompts of ~{len(prompts[0])} tokens, "

@@ -21,6 +21,7 @@ is printed as a share of the tokens/s that peak allows (goal >= 85%).
 
 --isa avx2 starts the script again with `models.cpu.isa_environment("avx2")` set before torch
 loads, so docpipe's dtype choice and kernels and PyTorch/oneDNN/MKL behave as on an AVX2 CPU.
+--isa avx512_bf16 does the same on a CPU with AMX, as on an AVX-512 BF16 CPU without it.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ are built) all read `cpu_info()`, so one setting steers them together:
     DOCPIPE_CPU_ISA=avx2          behave as on an AVX2 + FMA CPU (x86-64-v3): fp32 by default,
                                   kernels built with -march=x86-64-v3
     DOCPIPE_CPU_ISA=avx512        AVX-512 without bf16 dot products (x86-64-v4)
+    DOCPIPE_CPU_ISA=avx512_bf16   on a CPU with AMX: as without it (kernels built with
+                                  -march=native -mno-amx-*: the AVX-512 BF16 ones)
     DOCPIPE_CPU_ISA=baseline      no AVX2 (kernels built for x86-64-v2: their portable paths)
     DOCPIPE_CPU_ISA=native        (default) what the CPU has
 
@@ -24,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # x86 levels in order; each includes the ones before it.
-LEVELS = ("baseline", "avx2", "avx512", "avx512_bf16")
+LEVELS = ("baseline", "avx2", "avx512", "avx512_bf16", "amx")
 # -march for a forced level (native: the compiler's own detection); baseline: x86-64-v2 (SSE4.2,
-# no AVX), so the kernels build their portable paths.
+# no AVX), so the kernels build their portable paths; avx512_bf16 (below amx): native without the
+# AMX instructions.
 MARCH = {"baseline": "x86-64-v2", "avx2": "x86-64-v3", "avx512": "x86-64-v4"}
+NO_AMX = ("-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8")
 RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -53,13 +57,19 @@ class CpuInfo:
         PyTorch's bf16 GEMMs are fast. Elsewhere they run an order of magnitude slower than
         fp32 (measured on Zen 3: 1 against 140 GFLOP/s)."""
         if self.is_x86:
-            return self.level == "avx512_bf16"
+            return self.level in ("avx512_bf16", "amx")
         return "bf16" in self.flags and not self.forced
 
     @property
     def march(self) -> str:
         """The compiler's -march for the native kernels."""
         return MARCH.get(self.level, "native") if self.forced else "native"
+
+    @property
+    def compile_flags(self) -> list[str]:
+        """-march, and for a forced avx512_bf16 level the AMX instructions taken away."""
+        no_amx = list(NO_AMX) if self.forced and self.level == "avx512_bf16" else []
+        return [f"-march={self.march}", *no_amx]
 
     def describe(self) -> str:
         """One line for logs and benchmark headers: model, relevant flags, level."""
@@ -98,7 +108,9 @@ def _detect_level(arch: str, flags: frozenset[str]) -> str:
     if arch not in ("x86_64", "AMD64"):
         return "baseline"
     if {"avx512f", "avx512bw", "avx512vl"} <= flags:
-        return "avx512_bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "avx512"
+        if {"amx_bf16", "amx_tile"} <= flags:
+            return "amx"
+        return "avx512_bf16" if "avx512_bf16" in flags else "avx512"
     if {"avx2", "fma"} <= flags:
         return "avx2"
     return "baseline"
@@ -132,4 +144,6 @@ def isa_environment(level: str) -> dict[str, str]:
                 "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
     elif level == "avx512":
         env |= {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "ATEN_CPU_CAPABILITY": "avx512"}
+    elif level == "avx512_bf16":
+        env |= {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "ATEN_CPU_CAPABILITY": "avx512"}
     return env

@@ -102,7 +102,7 @@ def cache_dir() -> Path:
 
 def flags() -> list[str]:
     """The compiler flags, for the CPU level `cpu_info()` reports."""
-    return [*FLAGS, f"-march={cpu_info().march}"]
+    return [*FLAGS, *cpu_info().compile_flags]
 
 
 def compiler() -> str | None:

@@ -31,7 +31,7 @@ def test_auto_is_fp32_on_avx2_and_follows_the_cpu_natively(isa):
     if not cpu.cpu_info().is_x86 or cpu.cpu_info().detected_level in ("baseline",):
         pytest.skip("needs an x86-64 CPU with AVX2")
     native = isa("native")
-    want = torch.bfloat16 if native.detected_level == "avx512_bf16" else torch.float32
+    want = torch.bfloat16 if native.detected_level in ("avx512_bf16", "amx") else torch.float32
     assert dtypes.resolve_dtype("auto", "cpu") == want
     info = isa("avx2")
     assert info.forced == (info.detected_level != "avx2") and info.march in ("x86-64-v3", "native")
@@ -40,10 +40,34 @@ def test_auto_is_fp32_on_avx2_and_follows_the_cpu_natively(isa):
 
 
 def test_isa_can_only_be_lowered(isa):
-    if cpu.cpu_info().detected_level == "avx512_bf16":
+    detected = cpu.cpu_info().detected_level
+    if not cpu.cpu_info().is_x86 or detected == cpu.LEVELS[-1]:
         pytest.skip("nothing above this CPU's level to ask for")
-    with pytest.raises(ValueError, match="DOCPIPE_CPU_ISA='avx512_bf16'.*supports only up to"):
-        isa("avx512_bf16")
+    higher = cpu.LEVELS[cpu.LEVELS.index(detected) + 1]
+    with pytest.raises(ValueError, match=f"DOCPIPE_CPU_ISA='{higher}'.*supports only up to"):
+        isa(higher)
+
+
+def test_avx512_bf16_on_an_amx_cpu_builds_without_amx(isa):
+    """DOCPIPE_CPU_ISA=avx512_bf16 on a CPU with AMX: bf16 stays the default, the kernels are
+    built without the AMX instructions, so bf16 prefill runs on the AVX-512 BF16 library."""
+    if cpu.cpu_info().detected_level != "amx":
+        pytest.skip("needs a CPU with AMX")
+    info = isa("avx512_bf16")
+    assert info.forced and info.has_native_bf16
+    assert info.compile_flags == ["-march=native", *cpu.NO_AMX]
+    assert dtypes.resolve_dtype("auto", "cpu") == torch.bfloat16
+    from models import native
+
+    native.library.cache_clear()
+    try:
+        avx512 = native.library()["prefill_attention.cpp"].docpipe_prefill_attention
+        assert not native.library()["prefill_attention_amx.cpp"].docpipe_prefill_supported(
+            1, 1, 64, 3)
+        assert native.prefill_attention(torch.bfloat16, torch.bfloat16, 64, 3) is avx512
+    finally:
+        cpu.cpu_info.cache_clear()
+        native.library.cache_clear()
 
 
 def test_invalid_isa_names_the_variable(isa):
