@@ -14,10 +14,13 @@
 //   (pairs of head_dim x rows, transposed once per block);
 // - the online softmax runs down the 32 key vectors of 16 rows: no horizontal reductions, and
 //   its probabilities, rounded to bf16 and paired by key, are already P^T's B layout;
-// - O^T (head_dim x 16 rows) stays in tile registers for the whole block (head_dim 64: four
-//   C tiles). A row's running maximum is raised only when its scores exceed it by kLazy, so
-//   the accumulators are rescaled (stored, scaled per lane, reloaded) on few tiles; a row's
-//   weights are then at most e^kLazy, far inside fp32 and bf16 range.
+// - O^T (head_dim x 16 rows): at head_dim 64 its four C tiles stay in tile registers for the
+//   whole block; at 128 and 256 (8 and 16 tiles, more than the 8 registers) each tile's P V
+//   is added to accumulators in memory, four 16-dim slices at a time.
+// A row's running maximum is raised only when a weight would exceed 2^kLazy (scores in log2
+// units), so the accumulators are rescaled (stored, scaled per lane, reloaded) on few tiles;
+// a row's weights stay at most 2^kLazy, far inside fp32 and bf16 range. The weights come from
+// a degree-3 exp2 (relative error < 7.5e-5, below their bf16 rounding).
 // A row's values depend only on its own scores and the tile grid from the group's first key,
 // never on the other rows (batch invariance): a rescale multiplies rows whose maximum did not
 // move by exactly 1.
