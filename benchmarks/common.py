@@ -73,8 +73,10 @@ def isa_note(level: str) -> str:
         return "native (this CPU as it is)"
     set_vars = " ".join(f"{k}={v}" for k, v in env.items())
     how = "re-executed with" if os.environ.get(_REEXEC_MARK) == level else "run with"
+    cpu = {"avx2": "an AVX2-only CPU", "avx512_bf16": "an AVX-512 BF16 CPU without AMX"}.get(
+        level, f"a {level} CPU")
     return (f"{level} emulated: {how} {set_vars} (docpipe's dtype choice and kernels, "
-            f"PyTorch/oneDNN/MKL behave as on an AVX2-only CPU)")
+            f"PyTorch/oneDNN/MKL behave as on {cpu})")
 
 
 # -- dtypes ------------------------------------------------------------------------------------
