@@ -5,7 +5,8 @@ BF16 intrinsics, say) leaves the others working:
 
 `csrc/paged_decode.cpp`: decode attention reading K/V in place from the paged cache; q and the
     cache may differ in type (fp32 q, bf16 cache). AVX-512 and AVX2 + FMA paths for head_dim
-    64/128/256 and up to 16 query heads per KV head, a portable one for any other shape.
+    64/128/256 and up to 16 query heads per KV head, a portable one for any other shape; on AMX
+    CPUs the scores of bf16 decode on the tile unit.
 `csrc/prefill_attention_amx.cpp`: causal prefill attention for bf16 on AMX tiles (Intel Sapphire
     Rapids and later), head_dim 64/128/256.
 `csrc/prefill_attention.cpp`: causal prefill attention for bf16 (AVX-512 BF16 CPUs).
@@ -51,7 +52,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 ATTENTION_DTYPES = {(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                     (torch.float32, torch.bfloat16)}
 # docpipe_paged_decode_path's codes
-DECODE_PATHS = {0: "portable", 1: "simd", 2: "avx512"}
+DECODE_PATHS = {0: "portable", 1: "simd", 2: "avx512", 3: "amx"}
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _PREFILL = {
@@ -197,7 +198,7 @@ def paged_decode():
 
 
 def decode_path(dtype: torch.dtype, kv_dtype: torch.dtype, group: int, head_dim: int) -> str | None:
-    """Which code path `paged_decode()` takes for these dtypes and head shape ("avx512",
+    """Which code path `paged_decode()` takes for these dtypes and head shape ("amx", "avx512",
     "simd" (see `decode_simd_width`), "portable"), None when it does not take them."""
     lib = _lib("paged_decode.cpp")
     if lib is None or dtype not in DTYPES or kv_dtype not in DTYPES:

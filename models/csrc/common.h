@@ -16,6 +16,14 @@
 #include <immintrin.h>
 #endif
 
+// AMX tiles with bf16 (Sapphire Rapids and later), and the OS call that grants them (Linux).
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
+    defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__linux__)
+#define DOCPIPE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace {
 
 // exp(x) for x <= 0, vectorisable (no libm call): 2^(x log2 e) split into 2^n * 2^f with
@@ -289,5 +297,61 @@ struct Vec8 {
   }
 };
 #endif  // DOCPIPE_AVX2
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// bf16 pairs <-> the integer vectors that move them
+inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
+inline __m512i as_si(__m512bh x) { return (__m512i)x; }
+#endif
+
+#ifdef DOCPIPE_AMX
+// Linux grants a process the AMX tile data only when asked (ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); once granted, every thread may use it.
+inline bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+// Palette 1, tiles 0-7 all 16 rows x 64 bytes: C tiles of 16 x 16 fp32, A and B tiles of
+// 16 x 32 bf16.
+inline void configure_tiles() {
+  struct alignas(64) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } cfg = {};
+  cfg.palette = 1;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// The AMX kernels keep a row's running maximum until one of its weights would exceed 2^kLazy.
+constexpr float kLazy = 8.f;
+
+// Two vectors of 16 weights rounded to bf16, lane r holding (e0[r], e1[r]): key pairs in the
+// layout of an AMX bf16 operand's rows.
+inline __m512i pair_bf16(__m512 e0, __m512 e1) {
+  alignas(64) static const int16_t kPairIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
+                                                   6, 22, 7, 23, 8, 24, 9, 25, 10, 26, 11, 27,
+                                                   12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kPairIdx), as_si(_mm512_cvtne2ps_pbh(e1, e0)));
+}
+
+// 2^y for the softmax weights: 2^frac(y) by a degree-3 near-minimax polynomial on [0, 1)
+// (relative error < 7.5e-5, far below the bf16 rounding of the probabilities that follows),
+// times 2^floor(y) by scalef. Results below 2^-126 are denormals or 0.
+inline __m512 exp2_weight16(__m512 y) {
+  const __m512 f = _mm512_reduce_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_set1_ps(0.07802427560091019f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.22606751322746277f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6958334445953369f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999251961708069f));
+  return _mm512_scalef_ps(p, y);
+}
+
+#endif  // DOCPIPE_AMX
 
 }  // namespace

@@ -7,7 +7,8 @@
 // their own element types (fp32 q with a bf16 cache halves the bytes decode reads); the
 // arithmetic is fp32 throughout.
 //
-// Paths, the first that applies: AVX-512 with the queries and accumulators in registers
+// Paths, the first that applies: AMX for the scores (bf16 q and cache, the shapes of the next
+// path); AVX-512 with the queries and accumulators in registers
 // (head_dim 64 with 2-6 query heads per KV head, head_dim 128 with 2-3); the SIMD path
 // (AVX-512 or AVX2 + FMA: head_dim 64/128/256, up to 16 query heads per KV head); a portable
 // loop nest for anything else.
@@ -200,6 +201,168 @@ void item_avx512(const void* q, const void* k, const void* v, void* out, const i
 }
 #endif  // __AVX512F__
 
+#ifdef DOCPIPE_AMX
+// AMX path for bf16 q and cache, head_dim = 16 * NV (64 or 128), G query heads per KV head.
+// Per tile of 32 keys: S^T (keys x heads) = K Q^T on the tile unit, K read in place as the A
+// operand (16 consecutive slots, or a zero-padded copy at a run's end) and the queries held
+// in tile registers as the B operand; the heads are the lanes of the softmax, which runs
+// down the key vectors with no reductions and keeps a head's maximum until a weight would
+// pass 2^kLazy (then the tile is weighed again and the accumulators rescaled). P V by
+// vdpbf16ps: each pair of V rows interleaved once (one permute per 16 outputs) for all G
+// heads, the probabilities rounded to bf16 (as the prefill kernels do), accumulators in
+// registers.
+// Tiles of 32 keys prefetched ahead: the tile loads of K do not start the hardware's stream
+// prefetch as vector loads do (measured at W100K concurrency: 7.9 ms per layer without, 6.7
+// with 1 or 2 tiles ahead, 6.8 with 4).
+constexpr int kAhead = 2;
+
+template <int G, int NV>
+void decode_item_amx(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
+                     const int64_t* run_start, const int64_t* run_len, int64_t num_runs,
+                     float scale) {
+  constexpr int D = 16 * NV, P2 = D / 2, C = D / 32;
+  static_assert(C == 2 || C == 4, "head_dim 64 or 128");
+  // the queries as B tiles (tiles 4 .. 4 + C - 1): qT[p][g] = Q[g][2p .. 2p+1], zero past G
+  alignas(64) uint32_t qT[P2][16] = {};
+  const uint32_t* q32 = reinterpret_cast<const uint32_t*>(q);
+  for (int g = 0; g < G; ++g)
+    for (int p = 0; p < P2; ++p) qT[p][g] = q32[g * P2 + p];
+  _tile_loadd(4, qT[0], 64);
+  _tile_loadd(5, qT[16], 64);
+  if (C == 4) {
+    _tile_loadd(6, qT[32], 64);
+    _tile_loadd(7, qT[48], 64);
+  }
+  alignas(64) float S[32][16];      // the tile's scores: keys x heads (lanes)
+  alignas(64) uint32_t P[16][16];   // their weights as (even, odd) key pairs x heads
+  alignas(64) uint16_t pad[16 * D];  // a run's last keys, zero-padded to 16
+  alignas(64) static const uint16_t zero[D] = {};
+  alignas(64) int16_t idx_lo[32], idx_hi[32];
+  for (int t = 0; t < 16; ++t) {
+    idx_lo[2 * t] = static_cast<int16_t>(t);
+    idx_lo[2 * t + 1] = static_cast<int16_t>(t | 32);
+    idx_hi[2 * t] = static_cast<int16_t>(t + 16);
+    idx_hi[2 * t + 1] = static_cast<int16_t>((t + 16) | 32);
+  }
+  const __m512i ilo = _mm512_load_si512(idx_lo), ihi = _mm512_load_si512(idx_hi);
+  __m512 acc[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_setzero_ps();
+  __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
+  const __m512 c = _mm512_set1_ps(scale * 1.44269504088896341f);  // log2 units
+  bool first = true;
+  for (int64_t r = 0; r < num_runs; ++r) {
+    const int64_t start = run_start[r], count = run_len[r];
+    for (int64_t t0 = 0; t0 < count; t0 += 32) {
+      const int n = static_cast<int>(count - t0 < 32 ? count - t0 : 32);
+      if (t0 + 32 * kAhead < count) {  // K and V of the tile kAhead ahead, line by line
+        const char* kf = reinterpret_cast<const char*>(k + (start + t0 + 32 * kAhead) * D);
+        const char* vf = reinterpret_cast<const char*>(v + (start + t0 + 32 * kAhead) * D);
+        for (int b = 0; b < 32 * D * 2; b += 64) {
+          _mm_prefetch(kf + b, _MM_HINT_T0);
+          _mm_prefetch(vf + b, _MM_HINT_T0);
+        }
+      }
+      for (int h = 0; h < 2 && 16 * h < n; ++h) {
+        const int nh = n - 16 * h < 16 ? n - 16 * h : 16;
+        const uint16_t* src = k + (start + t0 + 16 * h) * D;
+        if (nh < 16) {
+          std::memcpy(pad, src, sizeof(uint16_t) * nh * D);
+          std::memset(pad + nh * D, 0, sizeof(uint16_t) * (16 - nh) * D);
+          src = pad;
+        }
+        _tile_zero(0);
+        _tile_loadd(2, src, D * 2);
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_loadd(2, src + 32, D * 2);
+        _tile_dpbf16ps(0, 2, 5);
+        if (C == 4) {
+          _tile_loadd(2, src + 64, D * 2);
+          _tile_dpbf16ps(0, 2, 6);
+          _tile_loadd(2, src + 96, D * 2);
+          _tile_dpbf16ps(0, 2, 7);
+        }
+        _tile_stored(0, S[16 * h], 64);
+      }
+      // weights 2^(s c - m) of keys j < n into P (zero past n), their sum; ymax: the largest
+      // exponent
+      auto weigh = [&](__m512 mv, __m512& ymax) {
+        __m512 sum = _mm512_setzero_ps(), top = _mm512_set1_ps(-INFINITY);
+        for (int j = 0; j < n; j += 2) {
+          const __m512 y0 = _mm512_fmsub_ps(_mm512_load_ps(S[j]), c, mv);
+          __m512 e0 = exp2_weight16(y0), e1 = _mm512_setzero_ps();
+          top = _mm512_max_ps(top, y0);
+          if (j + 1 < n) {
+            const __m512 y1 = _mm512_fmsub_ps(_mm512_load_ps(S[j + 1]), c, mv);
+            e1 = exp2_weight16(y1);
+            top = _mm512_max_ps(top, y1);
+          }
+          sum = _mm512_add_ps(_mm512_add_ps(sum, e0), e1);
+          _mm512_store_si512(P[j / 2], pair_bf16(e0, e1));
+        }
+        ymax = top;
+        return sum;
+      };
+      __m512 ymax, sum;
+      __mmask16 grow = 0xFFFF;
+      if (!first) {
+        sum = weigh(m, ymax);
+        grow = _mm512_cmp_ps_mask(ymax, _mm512_set1_ps(kLazy), _CMP_GT_OQ);
+      }
+      if (grow) {
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int j = 0; j < n; ++j) mx = _mm512_max_ps(mx, _mm512_load_ps(S[j]));
+        const __m512 m_new = _mm512_mask_max_ps(m, grow, m, _mm512_mul_ps(mx, c));
+        const __mmask16 seen = _mm512_cmp_ps_mask(m, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        const __m512 corr = _mm512_mask_mov_ps(
+            _mm512_set1_ps(1.f), grow,
+            _mm512_maskz_mov_ps(seen, exp2_weight16(_mm512_sub_ps(m, m_new))));
+        sum = weigh(m_new, ymax);
+        l = _mm512_fmadd_ps(l, corr, sum);
+        m = m_new;
+        alignas(64) float cf[16];
+        _mm512_store_ps(cf, corr);
+        for (int g = 0; g < G; ++g)
+          for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_mul_ps(acc[g][i], _mm512_set1_ps(cf[g]));
+      } else {
+        l = _mm512_add_ps(l, sum);
+      }
+      first = false;
+      const uint16_t* vt = v + (start + t0) * D;
+      for (int jp = 0; jp < (n + 1) / 2; ++jp) {
+        const uint16_t* va = vt + 2 * jp * D;
+        const uint16_t* vb = 2 * jp + 1 < n ? va + D : zero;
+        __m512bh w[NV];
+        for (int z = 0; z < NV / 2; ++z) {
+          const __m512i a = _mm512_loadu_si512(va + 32 * z), b = _mm512_loadu_si512(vb + 32 * z);
+          w[2 * z] = as_bh(_mm512_permutex2var_epi16(a, ilo, b));
+          w[2 * z + 1] = as_bh(_mm512_permutex2var_epi16(a, ihi, b));
+        }
+        for (int g = 0; g < G; ++g) {
+          const __m512i pg = _mm512_set1_epi32(static_cast<int32_t>(P[jp][g]));
+          for (int i = 0; i < NV; ++i)
+            acc[g][i] = _mm512_dpbf16_ps(acc[g][i], as_bh(pg), w[i]);
+        }
+      }
+    }
+  }
+  alignas(64) float ls[16];
+  _mm512_store_ps(ls, l);
+  for (int g = 0; g < G; ++g) {
+    const __m512 inv = _mm512_set1_ps(ls[g] > 0.f ? 1.f / ls[g] : 0.f);
+    for (int i = 0; i < NV; ++i) store16(out + g * D + 16 * i, _mm512_mul_ps(acc[g][i], inv));
+  }
+}
+
+template <int G, int NV>
+void item_amx(const void* q, const void* k, const void* v, void* out, const int64_t* rs,
+              const int64_t* rl, int64_t nr, int, float scale) {
+  decode_item_amx<G, NV>(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k),
+                         static_cast<const uint16_t*>(v), static_cast<uint16_t*>(out), rs, rl,
+                         nr, scale);
+}
+#endif  // DOCPIPE_AMX
+
 #if defined(__AVX512F__) || defined(DOCPIPE_AVX2)
 #ifdef __AVX512F__
 using Simd = Vec16;
@@ -337,7 +500,7 @@ void item_portable(const void* q, const void* k, const void* v, void* out, const
 using ItemFn = void (*)(const void*, const void*, const void*, void*, const int64_t*,
                         const int64_t*, int64_t, int, float);
 
-enum Path { kPortable = 0, kSimd = 1, kAvx512 = 2 };
+enum Path { kPortable = 0, kSimd = 1, kAvx512 = 2, kAmx = 3 };
 
 // The fastest path compiled in for this shape, and its item function (nullptr: portable).
 template <typename TQ, typename TK>
@@ -346,6 +509,28 @@ ItemFn pick(int G, int D, Path* path) {
   (void)G;
   (void)D;
 #ifndef DOCPIPE_DECODE_PORTABLE  // -DDOCPIPE_DECODE_PORTABLE: the portable path only (benchmarks)
+#ifdef DOCPIPE_AMX
+  // bf16 q and cache where the OS grants the tiles, the register path's shapes
+  if constexpr (sizeof(TQ) == 2 && sizeof(TK) == 2) {
+    if (G >= 2 && (D == 64 || D == 128) && G * (D / 16) <= 24 && amx_permitted()) {
+      ItemFn fn = nullptr;
+      switch (G * 1000 + D) {
+        case 2064: fn = item_amx<2, 4>; break;
+        case 3064: fn = item_amx<3, 4>; break;
+        case 4064: fn = item_amx<4, 4>; break;
+        case 5064: fn = item_amx<5, 4>; break;
+        case 6064: fn = item_amx<6, 4>; break;
+        case 2128: fn = item_amx<2, 8>; break;
+        case 3128: fn = item_amx<3, 8>; break;
+        default: break;
+      }
+      if (fn != nullptr) {
+        *path = kAmx;
+        return fn;
+      }
+    }
+  }
+#endif
 #ifdef __AVX512F__
   // The register path where G x head_dim/16 queries (and as many accumulators) fit in the 32
   // registers and G >= 2 reuses each loaded key; measured on Zen 4, the SIMD path is faster
@@ -396,7 +581,12 @@ void run(const TQ* q, int64_t q_row_stride, const TK* k, const TK* v, int64_t kv
                           : D == 128 ? item_portable<TQ, TK, 128>
                                      : item_portable<TQ, TK, 0>;
   const int64_t items = num_rows * Hkv;
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel
+  {
+#ifdef DOCPIPE_AMX
+  if (path == kAmx) configure_tiles();  // per thread; released below
+#endif
+#pragma omp for schedule(dynamic, 1)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t i = it / Hkv;
     const int h = static_cast<int>(it % Hkv);
@@ -413,6 +603,10 @@ void run(const TQ* q, int64_t q_row_stride, const TK* k, const TK* v, int64_t kv
     else
       slow(qi, kh, vh, oi, rs, rl, nr, G, D, scale);
   }
+#ifdef DOCPIPE_AMX
+  if (path == kAmx) _tile_release();
+#endif
+  }
 }
 
 }  // namespace
@@ -425,7 +619,7 @@ int docpipe_paged_decode_limits(int* max_group, int* max_dim) {
   return 2;  // ABI version: (dtype, kv_dtype, ...)
 }
 
-// The path docpipe_paged_decode takes for these types and shape: 2 AVX-512 (registers),
+// The path docpipe_paged_decode takes for these types and shape: 3 AMX, 2 AVX-512 (registers),
 // 1 SIMD (AVX-512 or AVX2 + FMA, see docpipe_paged_decode_simd_width), 0 portable,
 // -1 not supported (the type pair, or G/D past the limits).
 int docpipe_paged_decode_path(int dtype, int kv_dtype, int G, int D) {

@@ -39,9 +39,6 @@ namespace {
 constexpr int kMaxRows = 48;  // G * positions per block: 3 vectors of 16 rows
 constexpr int T = 32;         // keys per tile
 
-inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh&>(x); }
-inline __m512i as_si(__m512bh x) { return reinterpret_cast<__m512i&>(x); }
-
 // Keys [t0, t0 + n) of a sequence laid out in runs, as row pointers (cursor advanced in place).
 struct KeyCursor {
   const int64_t* start;

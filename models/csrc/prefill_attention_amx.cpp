@@ -36,56 +36,12 @@
 
 #include "common.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
-    defined(__AVX512BW__) && defined(__linux__)
-#define DOCPIPE_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 namespace {
 
 #ifdef DOCPIPE_AMX
 constexpr int T = 32;         // keys per tile
 constexpr int kRows = 16;     // rows per block: the lanes of a vector, the columns of a C tile
-constexpr float kLazy = 8.f;  // a row's running max is kept until a weight exceeds 2^kLazy
-
-// Linux grants a process the AMX tile data only when asked (ARCH_REQ_XCOMP_PERM for
-// XFEATURE_XTILEDATA); once granted, every thread may use it.
-bool amx_permitted() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  return ok;
-}
-
-// Palette 1, tiles 0-7 all 16 rows x 64 bytes: C tiles of 16 x 16 fp32, A and B tiles of
-// 16 x 32 bf16.
-void configure_tiles() {
-  struct alignas(64) {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-  } cfg = {};
-  cfg.palette = 1;
-  for (int i = 0; i < 8; ++i) {
-    cfg.colsb[i] = 64;
-    cfg.rows[i] = 16;
-  }
-  _tile_loadconfig(&cfg);
-}
-
-inline __m512i as_si(__m512bh x) { return reinterpret_cast<__m512i&>(x); }
-
-// 2^y for the softmax weights: 2^frac(y) by a degree-3 near-minimax polynomial on [0, 1)
-// (relative error < 7.5e-5, far below the bf16 rounding of the probabilities that follows),
-// times 2^floor(y) by scalef. Results below 2^-126 are denormals or 0.
-inline __m512 exp2_weight16(__m512 y) {
-  const __m512 f = _mm512_reduce_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 p = _mm512_set1_ps(0.07802427560091019f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.22606751322746277f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6958334445953369f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999251961708069f));
-  return _mm512_scalef_ps(p, y);
-}
 
 // One pass over a tile's scores for the block's 16 rows (vis: keys of the tile each row sees,
 // unused when all rows see all 32): weights 2^(s c - m) rounded to bf16 into P, each row's
@@ -94,10 +50,6 @@ inline __m512 exp2_weight16(__m512 y) {
 template <bool kFull>
 inline __m512 tile_weights(const float (*S)[kRows], __m512i vis, __m512 c, __m512 m,
                            uint32_t (*P)[kRows], __m512& ymax) {
-  alignas(64) static const int16_t kPairIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
-                                                   6, 22, 7, 23, 8, 24, 9, 25, 10, 26, 11, 27,
-                                                   12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i ip = _mm512_load_si512(kPairIdx);
   __m512 sum = _mm512_setzero_ps(), top = _mm512_set1_ps(-INFINITY);
   for (int j = 0; j < T; j += 2) {
     const __m512 y0 = _mm512_fmsub_ps(_mm512_load_ps(S[j]), c, m);
@@ -113,7 +65,7 @@ inline __m512 tile_weights(const float (*S)[kRows], __m512i vis, __m512 c, __m51
       e1 = _mm512_maskz_mov_ps(v1, e1);
     }
     sum = _mm512_add_ps(_mm512_add_ps(sum, e0), e1);
-    _mm512_store_si512(P[j / 2], _mm512_permutexvar_epi16(ip, as_si(_mm512_cvtne2ps_pbh(e1, e0))));
+    _mm512_store_si512(P[j / 2], pair_bf16(e0, e1));
   }
   ymax = top;
   return sum;

@@ -239,7 +239,11 @@ def test_native_decode_matches_torch_path_and_is_batch_invariant(dtype, kv_dtype
     elif isa == "x86-64-v3":
         assert path == "simd"
     elif native.decode_simd_width():
-        assert path in ("avx512", "simd")
+        assert path in ("amx", "avx512", "simd")
+        amx = {"amx_bf16", "amx_tile"} <= cpu_info().flags and not cpu_info().forced
+        if amx and (dtype, kv_dtype) == (torch.bfloat16, torch.bfloat16) and (
+                heads, kv_heads, dim) == (9, 3, 64):
+            assert path == "amx"
     attn, x, cos, sin, spans, slots, cache = _decode_batch(dtype, kv_dtype, kv_heads, heads, dim)
     got = attn(x, cos, sin, AttentionMetadata(spans, slots, align=512), cache)
     with monkeypatch.context() as m:
@@ -264,11 +268,55 @@ def test_native_decode_matches_torch_path_and_is_batch_invariant(dtype, kv_dtype
         assert torch.equal(one[0], batch[i]), f"row {i} depends on the batch"
 
 
+@pytest.mark.parametrize("dtype,kv_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (6, 2, 128), (8, 1, 64)],
+                         ids=["gqa-64", "gqa-128", "mqa8-64"])
+def test_native_decode_when_later_keys_dominate(dtype, kv_dtype, heads, kv_heads, dim, isa):
+    """Decode rows whose later keys score 12-24 nats above the earlier ones (in two runs of
+    slots, the second ending mid-tile): the kernel's running maximum must rise and its sums
+    and accumulators be rescaled (the AMX path does so only when a weight would pass 2^8).
+    Against softmax in fp32 over the cache's rounded K/V."""
+    kernel = native.paged_decode()
+    G = heads // kv_heads
+    g = torch.Generator().manual_seed(9)
+    u = torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0)
+    ctxs = [700, 333, 90]
+    q = (torch.randn(len(ctxs), heads, dim, generator=g) + 3 * u).to(dtype)
+    k_cache = torch.zeros(kv_heads, 2048, dim).to(kv_dtype)
+    v_cache = torch.randn(kv_heads, 2048, dim, generator=g).to(kv_dtype)
+    spans, start, want = [], 0, []
+    for row, ctx in enumerate(ctxs):
+        k = torch.randn(kv_heads, ctx, dim, generator=g)
+        for pos, alpha in ((ctx // 4, 32.0), (ctx // 2, 48.0), (ctx - 7, 64.0)):
+            k[:, pos] = k[:, pos] * 0.5 + alpha * u
+        half = ctx // 2
+        runs = [slice(start, start + half), slice(start + half + 40, start + ctx + 40)]
+        flat = torch.cat([torch.arange(r.start, r.stop) for r in runs])
+        k_cache[:, flat] = k.to(kv_dtype)
+        kf = k_cache[:, flat].float().repeat_interleave(G, 0)
+        vf = v_cache[:, flat].float().repeat_interleave(G, 0)
+        scores = torch.einsum("hd,hkd->hk", q[row].float(), kf) / math.sqrt(dim)
+        assert (scores.amax(-1) > 11).float().mean() > 0.5
+        want.append(torch.einsum("hk,hkd->hd", scores.softmax(-1), vf))
+        spans.append(SeqSpan(row, row + 1, ctx, 0, runs, prompt_len=1))
+        start += ctx + 100
+    attn = _llama_layer(heads, kv_heads, dim, dtype, g)[1]
+    meta = AttentionMetadata(spans, torch.zeros(len(ctxs), dtype=torch.int64), align=512)
+    got = torch.zeros_like(q)
+    assert attn._native_call(kernel, q, (k_cache, v_cache), got,
+                             meta.native_plan(None, q.device, False).decode)
+    want = torch.stack(want)
+    tol = _tolerance(dtype)
+    torch.testing.assert_close(got.float(), want, atol=tol * want.abs().max().item(), rtol=tol)
+
+
 def test_native_decode_uses_the_avx512_path_where_built():
     if native.paged_decode() is None or native.decode_simd_width() != 16:
         pytest.skip("this CPU or build has no AVX-512 decode path")
+    amx = {"amx_bf16", "amx_tile"} <= cpu_info().flags and not cpu_info().forced
     for dtype, kv_dtype in DTYPE_PAIRS:
-        assert native.decode_path(dtype, kv_dtype, 3, 64) == "avx512"
+        bf16 = (dtype, kv_dtype) == (torch.bfloat16, torch.bfloat16)
+        assert native.decode_path(dtype, kv_dtype, 3, 64) == ("amx" if amx and bf16 else "avx512")
         assert native.decode_path(dtype, kv_dtype, 16, 256) == "simd"  # 16 lanes here
     assert native.decode_path(torch.bfloat16, torch.float32, 3, 64) is None  # not a pair it takes
 
