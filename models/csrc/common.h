@@ -302,7 +302,43 @@ struct Vec8 {
 // bf16 pairs <-> the integer vectors that move them
 inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
 inline __m512i as_si(__m512bh x) { return (__m512i)x; }
+
+// permutex2var indices interleaving two rows of 32 bf16 (a, b): lo holds the pairs
+// (a[d], b[d]) for d in [0, 16), hi for d in [16, 32).
+inline void pair_rows_index(__m512i& lo, __m512i& hi) {
+  alignas(64) int16_t idx_lo[32], idx_hi[32];
+  for (int t = 0; t < 16; ++t) {
+    idx_lo[2 * t] = static_cast<int16_t>(t);
+    idx_lo[2 * t + 1] = static_cast<int16_t>(t | 32);
+    idx_hi[2 * t] = static_cast<int16_t>(t + 16);
+    idx_hi[2 * t + 1] = static_cast<int16_t>((t + 16) | 32);
+  }
+  lo = _mm512_load_si512(idx_lo);
+  hi = _mm512_load_si512(idx_hi);
+}
 #endif
+
+
+// The rows of one prefill work item: positions [first, first + npos) of group g x the G query
+// heads of KV head h, as q and out row pointers with each row's key limit (query i of a group
+// is key nk - nq + i and sees the keys up to and including itself). Returns the row count.
+template <typename T>
+inline int item_rows(const T* q, int64_t q_row_stride, T* out, int64_t out_row_stride,
+                     const int64_t* g_row0, const int64_t* g_nq, const int64_t* g_nk, int64_t g,
+                     int64_t first, int64_t npos, int h, int G, int D, const T** qrows, T** orows,
+                     int64_t* limit) {
+  int R = 0;
+  for (int64_t i = 0; i < npos; ++i) {
+    const int64_t row = g_row0[g] + first + i;
+    const int64_t lim = g_nk[g] - g_nq[g] + first + i + 1;
+    for (int gi = 0; gi < G; ++gi, ++R) {
+      qrows[R] = q + row * q_row_stride + (h * G + gi) * D;
+      orows[R] = out + row * out_row_stride + (h * G + gi) * D;
+      limit[R] = lim;
+    }
+  }
+  return R;
+}
 
 #ifdef DOCPIPE_AMX
 // Linux grants a process the AMX tile data only when asked (ARCH_REQ_XCOMP_PERM for

@@ -237,14 +237,8 @@ void decode_item_amx(const uint16_t* q, const uint16_t* k, const uint16_t* v, ui
   alignas(64) uint32_t P[16][16];   // their weights as (even, odd) key pairs x heads
   alignas(64) uint16_t pad[16 * D];  // a run's last keys, zero-padded to 16
   alignas(64) static const uint16_t zero[D] = {};
-  alignas(64) int16_t idx_lo[32], idx_hi[32];
-  for (int t = 0; t < 16; ++t) {
-    idx_lo[2 * t] = static_cast<int16_t>(t);
-    idx_lo[2 * t + 1] = static_cast<int16_t>(t | 32);
-    idx_hi[2 * t] = static_cast<int16_t>(t + 16);
-    idx_hi[2 * t + 1] = static_cast<int16_t>((t + 16) | 32);
-  }
-  const __m512i ilo = _mm512_load_si512(idx_lo), ihi = _mm512_load_si512(idx_hi);
+  __m512i ilo, ihi;  // interleaving two V rows into key pairs
+  pair_rows_index(ilo, ihi);
   __m512 acc[G][NV];
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_setzero_ps();

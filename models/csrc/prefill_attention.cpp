@@ -180,15 +180,8 @@ void prefill_block(const uint16_t* const* qrows, const int64_t* limit, int R, in
     m[rb] = _mm512_set1_ps(-INFINITY);
     l[rb] = _mm512_setzero_ps();
   }
-  // permutex2var indices interleaving two V rows: output c holds pairs for d in [16c, 16c+16)
-  alignas(64) int16_t idx_lo[32], idx_hi[32];
-  for (int t = 0; t < 16; ++t) {
-    idx_lo[2 * t] = static_cast<int16_t>(t);
-    idx_lo[2 * t + 1] = static_cast<int16_t>(t | 32);
-    idx_hi[2 * t] = static_cast<int16_t>(t + 16);
-    idx_hi[2 * t + 1] = static_cast<int16_t>((t + 16) | 32);
-  }
-  const __m512i ilo = _mm512_load_si512(idx_lo), ihi = _mm512_load_si512(idx_hi);
+  __m512i ilo, ihi;  // interleaving two V rows into key pairs
+  pair_rows_index(ilo, ihi);
   KeyCursor kc{run_start, run_len, num_runs};
   const uint16_t* rows[T];
   __m512i vp[T / 2][NO];
@@ -299,17 +292,8 @@ int docpipe_prefill_attention(int dtype, int kv_dtype, const void* q_, int64_t q
     const uint16_t* qrows[kMaxRows];
     uint16_t* orows[kMaxRows];
     int64_t limit[kMaxRows];
-    int R = 0;
-    for (int64_t i = 0; i < npos; ++i) {
-      const int64_t row = g_row0[g] + item.first + i;
-      // query i of the group is key nk - nq + i; it sees keys up to and including itself
-      const int64_t lim = g_nk[g] - g_nq[g] + item.first + i + 1;
-      for (int gi = 0; gi < G; ++gi, ++R) {
-        qrows[R] = q + row * q_row_stride + (item.h * G + gi) * D;
-        orows[R] = out + row * out_row_stride + (item.h * G + gi) * D;
-        limit[R] = lim;
-      }
-    }
+    const int R = item_rows(q, q_row_stride, out, out_row_stride, g_row0, g_nq, g_nk, g,
+                            item.first, npos, item.h, G, D, qrows, orows, limit);
     const int64_t span = limit[R - 1];
     const int64_t* rs = run_start + run_off[g];
     const int64_t* rl = run_len + run_off[g];

@@ -348,17 +348,8 @@ void prefill(const uint16_t* q, int64_t q_row_stride, const uint16_t* k, const u
       const uint16_t* qrows[kRows];
       uint16_t* orows[kRows];
       int64_t limit[kRows];
-      int R = 0;
-      for (int64_t i = 0; i < npos; ++i) {
-        const int64_t row = g_row0[g] + item.first + i;
-        // query i of the group is key nk - nq + i; it sees keys up to and including itself
-        const int64_t lim = g_nk[g] - g_nq[g] + item.first + i + 1;
-        for (int gi = 0; gi < G; ++gi, ++R) {
-          qrows[R] = q + row * q_row_stride + (item.h * G + gi) * D;
-          orows[R] = out + row * out_row_stride + (item.h * G + gi) * D;
-          limit[R] = lim;
-        }
-      }
+      const int R = item_rows(q, q_row_stride, out, out_row_stride, g_row0, g_nq, g_nk, g,
+                              item.first, npos, item.h, G, D, qrows, orows, limit);
       const size_t base = (static_cast<size_t>(item.h) * tiles + tile_off[g]) * T * D;
       amx_block<D>(qrows, limit, R, kp.data() + base, vt.data() + base, orows, scale);
     }

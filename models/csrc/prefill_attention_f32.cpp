@@ -251,17 +251,8 @@ void prefill(const float* q, int64_t q_row_stride, const TK* k, const TK* v,
       const float* qrows[kMaxRows];
       float* orows[kMaxRows];
       int64_t limit[kMaxRows];
-      int R = 0;
-      for (int64_t i = 0; i < npos; ++i) {
-        const int64_t row = g_row0[g] + item.first + i;
-        // query i of the group is key nk - nq + i; it sees keys up to and including itself
-        const int64_t lim = g_nk[g] - g_nq[g] + item.first + i + 1;
-        for (int gi = 0; gi < G; ++gi, ++R) {
-          qrows[R] = q + row * q_row_stride + (item.h * G + gi) * D;
-          orows[R] = out + row * out_row_stride + (item.h * G + gi) * D;
-          limit[R] = lim;
-        }
-      }
+      const int R = item_rows(q, q_row_stride, out, out_row_stride, g_row0, g_nq, g_nk, g,
+                              item.first, npos, item.h, G, D, qrows, orows, limit);
       const int64_t off = run_off[g];
       prefill_item<TK>(qrows, orows, limit, R, k + item.h * kv_head_stride,
                        v + item.h * kv_head_stride, run_start + off, run_len + off,
