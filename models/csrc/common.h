@@ -366,6 +366,8 @@ inline void configure_tiles() {
 
 // The AMX kernels keep a row's running maximum until one of its weights would exceed 2^kLazy.
 constexpr float kLazy = 8.f;
+// Their softmax tiles: 32 keys, one vector of 16 rows (or heads) per key.
+constexpr int kAmxKeys = 32, kAmxLanes = 16;
 
 // Two vectors of 16 weights rounded to bf16, lane r holding (e0[r], e1[r]): key pairs in the
 // layout of an AMX bf16 operand's rows.
@@ -386,6 +388,68 @@ inline __m512 exp2_weight16(__m512 y) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6958334445953369f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999251961708069f));
   return _mm512_scalef_ps(p, y);
+}
+
+// One pass over a tile's scores for the block's 16 rows (vis: keys of the tile each row sees,
+// unused when all rows see all 32): weights 2^(s c - m) rounded to bf16 into P, each row's
+// (even, odd) key pair in one 32-bit lane; returns their sum, and the largest exponent seen
+// into ymax.
+template <bool kFull>
+inline __m512 tile_weights(const float (*S)[kAmxLanes], __m512i vis, __m512 c, __m512 m,
+                           uint32_t (*P)[kAmxLanes], __m512& ymax) {
+  __m512 sum = _mm512_setzero_ps(), top = _mm512_set1_ps(-INFINITY);
+  for (int j = 0; j < kAmxKeys; j += 2) {
+    const __m512 y0 = _mm512_fmsub_ps(_mm512_load_ps(S[j]), c, m);
+    const __m512 y1 = _mm512_fmsub_ps(_mm512_load_ps(S[j + 1]), c, m);
+    __m512 e0 = exp2_weight16(y0), e1 = exp2_weight16(y1);
+    if (kFull) {
+      top = _mm512_max_ps(top, _mm512_max_ps(y0, y1));
+    } else {
+      const __mmask16 v0 = _mm512_cmpgt_epi32_mask(vis, _mm512_set1_epi32(j));
+      const __mmask16 v1 = _mm512_cmpgt_epi32_mask(vis, _mm512_set1_epi32(j + 1));
+      top = _mm512_mask_max_ps(_mm512_mask_max_ps(top, v0, top, y0), v1, top, y1);
+      e0 = _mm512_maskz_mov_ps(v0, e0);
+      e1 = _mm512_maskz_mov_ps(v1, e1);
+    }
+    sum = _mm512_add_ps(_mm512_add_ps(sum, e0), e1);
+    _mm512_store_si512(P[j / 2], pair_bf16(e0, e1));
+  }
+  ymax = top;
+  return sum;
+}
+
+// One tile's online softmax for the block's 16 rows, scores in log2 units (c = scale log2 e):
+// weights against the running max m, the running sum l updated, and the factor for the
+// earlier accumulators into corr. Returns the rows whose m was raised: on the first tile every
+// row (m = -inf), later the rows with a weight above 2^kLazy, for which the tile is weighed
+// again against the new m (the other rows get the same bits again, and corr = 1).
+template <bool kFull>
+inline __mmask16 softmax_tile(const float (*S)[kAmxLanes], __m512i vis, __m512 c, __m512& m,
+                              __m512& l, uint32_t (*P)[kAmxLanes], __m512& corr, bool first) {
+  __m512 ymax, sum;
+  __mmask16 grow = 0xFFFF;
+  if (!first) {
+    sum = tile_weights<kFull>(S, vis, c, m, P, ymax);
+    grow = _mm512_cmp_ps_mask(ymax, _mm512_set1_ps(kLazy), _CMP_GT_OQ);
+    if (!grow) {
+      l = _mm512_add_ps(l, sum);
+      corr = _mm512_set1_ps(1.f);
+      return 0;
+    }
+  }
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int j = 0; j < kAmxKeys; ++j)
+    mx = kFull ? _mm512_max_ps(mx, _mm512_load_ps(S[j]))
+               : _mm512_mask_max_ps(mx, _mm512_cmpgt_epi32_mask(vis, _mm512_set1_epi32(j)), mx,
+                                    _mm512_load_ps(S[j]));
+  const __m512 m_new = _mm512_mask_max_ps(m, grow, m, _mm512_mul_ps(mx, c));
+  const __mmask16 seen = _mm512_cmp_ps_mask(m, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+  corr = _mm512_mask_mov_ps(_mm512_set1_ps(1.f), grow,
+                            _mm512_maskz_mov_ps(seen, exp2_weight16(_mm512_sub_ps(m, m_new))));
+  sum = tile_weights<kFull>(S, vis, c, m_new, P, ymax);
+  l = _mm512_fmadd_ps(l, corr, sum);
+  m = m_new;
+  return grow;
 }
 
 #endif  // DOCPIPE_AMX

@@ -278,48 +278,17 @@ void decode_item_amx(const uint16_t* q, const uint16_t* k, const uint16_t* v, ui
         }
         _tile_stored(0, S[16 * h], 64);
       }
-      // weights 2^(s c - m) of keys j < n into P (zero past n), their sum; ymax: the largest
-      // exponent
-      auto weigh = [&](__m512 mv, __m512& ymax) {
-        __m512 sum = _mm512_setzero_ps(), top = _mm512_set1_ps(-INFINITY);
-        for (int j = 0; j < n; j += 2) {
-          const __m512 y0 = _mm512_fmsub_ps(_mm512_load_ps(S[j]), c, mv);
-          __m512 e0 = exp2_weight16(y0), e1 = _mm512_setzero_ps();
-          top = _mm512_max_ps(top, y0);
-          if (j + 1 < n) {
-            const __m512 y1 = _mm512_fmsub_ps(_mm512_load_ps(S[j + 1]), c, mv);
-            e1 = exp2_weight16(y1);
-            top = _mm512_max_ps(top, y1);
-          }
-          sum = _mm512_add_ps(_mm512_add_ps(sum, e0), e1);
-          _mm512_store_si512(P[j / 2], pair_bf16(e0, e1));
-        }
-        ymax = top;
-        return sum;
-      };
-      __m512 ymax, sum;
-      __mmask16 grow = 0xFFFF;
-      if (!first) {
-        sum = weigh(m, ymax);
-        grow = _mm512_cmp_ps_mask(ymax, _mm512_set1_ps(kLazy), _CMP_GT_OQ);
-      }
+      // the online softmax of the heads (lanes) over keys j < n; rows past n are stale and
+      // masked (vis = n in every lane)
+      __m512 corr;
+      const __mmask16 grow =
+          n == 32 ? softmax_tile<true>(S, _mm512_setzero_si512(), c, m, l, P, corr, first)
+                  : softmax_tile<false>(S, _mm512_set1_epi32(n), c, m, l, P, corr, first);
       if (grow) {
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int j = 0; j < n; ++j) mx = _mm512_max_ps(mx, _mm512_load_ps(S[j]));
-        const __m512 m_new = _mm512_mask_max_ps(m, grow, m, _mm512_mul_ps(mx, c));
-        const __mmask16 seen = _mm512_cmp_ps_mask(m, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-        const __m512 corr = _mm512_mask_mov_ps(
-            _mm512_set1_ps(1.f), grow,
-            _mm512_maskz_mov_ps(seen, exp2_weight16(_mm512_sub_ps(m, m_new))));
-        sum = weigh(m_new, ymax);
-        l = _mm512_fmadd_ps(l, corr, sum);
-        m = m_new;
         alignas(64) float cf[16];
         _mm512_store_ps(cf, corr);
         for (int g = 0; g < G; ++g)
           for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_mul_ps(acc[g][i], _mm512_set1_ps(cf[g]));
-      } else {
-        l = _mm512_add_ps(l, sum);
       }
       first = false;
       const uint16_t* vt = v + (start + t0) * D;

@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -40,70 +41,8 @@
 namespace {
 
 #ifdef DOCPIPE_AMX
-constexpr int T = 32;         // keys per tile
-constexpr int kRows = 16;     // rows per block: the lanes of a vector, the columns of a C tile
-
-// One pass over a tile's scores for the block's 16 rows (vis: keys of the tile each row sees,
-// unused when all rows see all 32): weights 2^(s c - m) rounded to bf16 into P, each row's
-// (even, odd) key pair in one 32-bit lane; returns their sum, and the largest exponent seen
-// into ymax.
-template <bool kFull>
-inline __m512 tile_weights(const float (*S)[kRows], __m512i vis, __m512 c, __m512 m,
-                           uint32_t (*P)[kRows], __m512& ymax) {
-  __m512 sum = _mm512_setzero_ps(), top = _mm512_set1_ps(-INFINITY);
-  for (int j = 0; j < T; j += 2) {
-    const __m512 y0 = _mm512_fmsub_ps(_mm512_load_ps(S[j]), c, m);
-    const __m512 y1 = _mm512_fmsub_ps(_mm512_load_ps(S[j + 1]), c, m);
-    __m512 e0 = exp2_weight16(y0), e1 = exp2_weight16(y1);
-    if (kFull) {
-      top = _mm512_max_ps(top, _mm512_max_ps(y0, y1));
-    } else {
-      const __mmask16 v0 = _mm512_cmpgt_epi32_mask(vis, _mm512_set1_epi32(j));
-      const __mmask16 v1 = _mm512_cmpgt_epi32_mask(vis, _mm512_set1_epi32(j + 1));
-      top = _mm512_mask_max_ps(_mm512_mask_max_ps(top, v0, top, y0), v1, top, y1);
-      e0 = _mm512_maskz_mov_ps(v0, e0);
-      e1 = _mm512_maskz_mov_ps(v1, e1);
-    }
-    sum = _mm512_add_ps(_mm512_add_ps(sum, e0), e1);
-    _mm512_store_si512(P[j / 2], pair_bf16(e0, e1));
-  }
-  ymax = top;
-  return sum;
-}
-
-// One tile's online softmax for the block's 16 rows, scores in log2 units (c = scale log2 e):
-// weights against the running max m, the running sum l updated, and the factor for the
-// earlier accumulators into corr. Returns the rows whose m was raised: on the first tile every
-// row (m = -inf), later the rows with a weight above 2^kLazy, for which the tile is weighed
-// again against the new m (the other rows get the same bits again, and corr = 1).
-template <bool kFull>
-inline __mmask16 softmax_tile(const float (*S)[kRows], __m512i vis, __m512 c, __m512& m,
-                              __m512& l, uint32_t (*P)[kRows], __m512& corr, bool first) {
-  __m512 ymax, sum;
-  __mmask16 grow = 0xFFFF;
-  if (!first) {
-    sum = tile_weights<kFull>(S, vis, c, m, P, ymax);
-    grow = _mm512_cmp_ps_mask(ymax, _mm512_set1_ps(kLazy), _CMP_GT_OQ);
-    if (!grow) {
-      l = _mm512_add_ps(l, sum);
-      corr = _mm512_set1_ps(1.f);
-      return 0;
-    }
-  }
-  __m512 mx = _mm512_set1_ps(-INFINITY);
-  for (int j = 0; j < T; ++j)
-    mx = kFull ? _mm512_max_ps(mx, _mm512_load_ps(S[j]))
-               : _mm512_mask_max_ps(mx, _mm512_cmpgt_epi32_mask(vis, _mm512_set1_epi32(j)), mx,
-                                    _mm512_load_ps(S[j]));
-  const __m512 m_new = _mm512_mask_max_ps(m, grow, m, _mm512_mul_ps(mx, c));
-  const __mmask16 seen = _mm512_cmp_ps_mask(m, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-  corr = _mm512_mask_mov_ps(_mm512_set1_ps(1.f), grow,
-                            _mm512_maskz_mov_ps(seen, exp2_weight16(_mm512_sub_ps(m, m_new))));
-  sum = tile_weights<kFull>(S, vis, c, m_new, P, ymax);
-  l = _mm512_fmadd_ps(l, corr, sum);
-  m = m_new;
-  return grow;
-}
+constexpr int T = kAmxKeys;      // keys per tile
+constexpr int kRows = kAmxLanes;  // rows per block: the lanes of a vector, the columns of a C tile
 
 // The O^T accumulators of head_dim 64 (tiles 0-3) multiplied per lane (row) by corr, through
 // memory.
@@ -314,8 +253,9 @@ void prefill(const uint16_t* q, int64_t q_row_stride, const uint16_t* k, const u
       for (int64_t i = 0; i < run_len[r]; ++i) *s++ = run_start[r] + i;
   }
   const int64_t tiles = tile_off[num_groups];
-  std::vector<uint16_t> kp(static_cast<size_t>(Hkv) * tiles * T * D);
-  std::vector<uint16_t> vt(kp.size());
+  // every element is written by pack_tile: no zero-fill
+  const size_t packed = static_cast<size_t>(Hkv) * tiles * T * D;
+  const std::unique_ptr<uint16_t[]> kp(new uint16_t[packed]), vt(new uint16_t[packed]);
   struct Pack { int64_t group, tile; int h; };
   std::vector<Pack> packs;
   for (int64_t g = 0; g < num_groups; ++g)
@@ -335,8 +275,8 @@ void prefill(const uint16_t* q, int64_t q_row_stride, const uint16_t* k, const u
       const Pack p = packs[i];
       const size_t base = (static_cast<size_t>(p.h) * tiles + tile_off[p.group]) * T * D;
       pack_tile<D>(slots.data() + slot_off[p.group], g_nk[p.group], p.tile,
-                k + p.h * kv_head_stride, v + p.h * kv_head_stride, kp.data() + base,
-                vt.data() + base);
+                k + p.h * kv_head_stride, v + p.h * kv_head_stride, kp.get() + base,
+                vt.get() + base);
     }
     configure_tiles();
     // the last items of a group see the most keys: start with them
@@ -351,7 +291,7 @@ void prefill(const uint16_t* q, int64_t q_row_stride, const uint16_t* k, const u
       const int R = item_rows(q, q_row_stride, out, out_row_stride, g_row0, g_nq, g_nk, g,
                               item.first, npos, item.h, G, D, qrows, orows, limit);
       const size_t base = (static_cast<size_t>(item.h) * tiles + tile_off[g]) * T * D;
-      amx_block<D>(qrows, limit, R, kp.data() + base, vt.data() + base, orows, scale);
+      amx_block<D>(qrows, limit, R, kp.get() + base, vt.get() + base, orows, scale);
     }
     _tile_release();
   }

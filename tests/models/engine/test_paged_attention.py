@@ -240,9 +240,8 @@ def test_native_decode_matches_torch_path_and_is_batch_invariant(dtype, kv_dtype
         assert path == "simd"
     elif native.decode_simd_width():
         assert path in ("amx", "avx512", "simd")
-        amx = {"amx_bf16", "amx_tile"} <= cpu_info().flags and not cpu_info().forced
-        if amx and (dtype, kv_dtype) == (torch.bfloat16, torch.bfloat16) and (
-                heads, kv_heads, dim) == (9, 3, 64):
+        bf16 = (dtype, kv_dtype) == (torch.bfloat16, torch.bfloat16)
+        if cpu_info().level == "amx" and bf16 and (heads, kv_heads, dim) == (9, 3, 64):
             assert path == "amx"
     attn, x, cos, sin, spans, slots, cache = _decode_batch(dtype, kv_dtype, kv_heads, heads, dim)
     got = attn(x, cos, sin, AttentionMetadata(spans, slots, align=512), cache)
@@ -313,7 +312,7 @@ def test_native_decode_when_later_keys_dominate(dtype, kv_dtype, heads, kv_heads
 def test_native_decode_uses_the_avx512_path_where_built():
     if native.paged_decode() is None or native.decode_simd_width() != 16:
         pytest.skip("this CPU or build has no AVX-512 decode path")
-    amx = {"amx_bf16", "amx_tile"} <= cpu_info().flags and not cpu_info().forced
+    amx = cpu_info().level == "amx"
     for dtype, kv_dtype in DTYPE_PAIRS:
         bf16 = (dtype, kv_dtype) == (torch.bfloat16, torch.bfloat16)
         assert native.decode_path(dtype, kv_dtype, 3, 64) == ("amx" if amx and bf16 else "avx512")
@@ -324,8 +323,7 @@ def test_native_decode_uses_the_avx512_path_where_built():
 def test_native_prefill_takes_amx_where_the_cpu_has_it():
     """On a CPU with AMX (and a compiler that knows its intrinsics: g++ 11 and later) bf16
     prefill runs on the AMX library, the fastest there; fp32 on the f32 one."""
-    info = cpu_info()
-    if not {"amx_bf16", "amx_tile"} <= info.flags or info.forced or native.paged_decode() is None:
+    if cpu_info().level != "amx" or native.paged_decode() is None:
         pytest.skip("this CPU (or forced ISA level) has no AMX")
     amx = native.library().get("prefill_attention_amx.cpp")
     assert amx is not None and amx.docpipe_prefill_supported(1, 1, 64, 3), "AMX build unused"
