@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define DOCPIPE_AVX2 1
@@ -319,14 +320,32 @@ inline void pair_rows_index(__m512i& lo, __m512i& hi) {
 #endif
 
 
-// The rows of one prefill work item: positions [first, first + npos) of group g x the G query
-// heads of KV head h, as q and out row pointers with each row's key limit (query i of a group
-// is key nk - nq + i and sees the keys up to and including itself). Returns the row count.
+// A prefill call's work items: (group, first position of a block of `positions`, KV head),
+// each group's last blocks (they see the most keys) first, so the threads finish together.
+struct PrefillItem {
+  int64_t group, first;
+  int h;
+};
+inline std::vector<PrefillItem> prefill_items(int64_t num_groups, const int64_t* g_nq,
+                                              int positions, int Hkv) {
+  std::vector<PrefillItem> items;
+  for (int64_t g = 0; g < num_groups; ++g)
+    for (int64_t first = (g_nq[g] - 1) / positions * positions; first >= 0; first -= positions)
+      for (int h = 0; h < Hkv; ++h) items.push_back({g, first, h});
+  return items;
+}
+
+// The rows of one prefill work item: its block's positions (up to `positions` of them) x the
+// G query heads of its KV head, as q and out row pointers with each row's key limit (query i
+// of a group is key nk - nq + i and sees the keys up to and including itself). Returns the
+// row count.
 template <typename T>
 inline int item_rows(const T* q, int64_t q_row_stride, T* out, int64_t out_row_stride,
-                     const int64_t* g_row0, const int64_t* g_nq, const int64_t* g_nk, int64_t g,
-                     int64_t first, int64_t npos, int h, int G, int D, const T** qrows, T** orows,
-                     int64_t* limit) {
+                     const int64_t* g_row0, const int64_t* g_nq, const int64_t* g_nk,
+                     const PrefillItem& item, int positions, int G, int D, const T** qrows,
+                     T** orows, int64_t* limit) {
+  const int64_t g = item.group, first = item.first, h = item.h;
+  const int64_t npos = g_nq[g] - first < positions ? g_nq[g] - first : positions;
   int R = 0;
   for (int64_t i = 0; i < npos; ++i) {
     const int64_t row = g_row0[g] + first + i;

@@ -278,22 +278,17 @@ int docpipe_prefill_attention(int dtype, int kv_dtype, const void* q_, int64_t q
   const auto* k = static_cast<const uint16_t*>(k_);
   const auto* v = static_cast<const uint16_t*>(v_);
   auto* out = static_cast<uint16_t*>(out_);
-  struct Item { int64_t group, first; int h; };
-  std::vector<Item> items;
-  for (int64_t g = 0; g < num_groups; ++g)
-    for (int64_t first = 0; first < g_nq[g]; first += positions)
-      for (int h = 0; h < Hkv; ++h) items.push_back({g, first, h});
+  const std::vector<PrefillItem> items = prefill_items(num_groups, g_nq, positions, Hkv);
   const int64_t num_items = static_cast<int64_t>(items.size());
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t it = 0; it < num_items; ++it) {
-    const Item item = items[it];
+    const PrefillItem item = items[it];
     const int64_t g = item.group;
-    const int64_t npos = g_nq[g] - item.first < positions ? g_nq[g] - item.first : positions;
     const uint16_t* qrows[kMaxRows];
     uint16_t* orows[kMaxRows];
     int64_t limit[kMaxRows];
-    const int R = item_rows(q, q_row_stride, out, out_row_stride, g_row0, g_nq, g_nk, g,
-                            item.first, npos, item.h, G, D, qrows, orows, limit);
+    const int R = item_rows(q, q_row_stride, out, out_row_stride, g_row0, g_nq, g_nk, item,
+                            positions, G, D, qrows, orows, limit);
     const int64_t span = limit[R - 1];
     const int64_t* rs = run_start + run_off[g];
     const int64_t* rl = run_len + run_off[g];

@@ -261,11 +261,7 @@ void prefill(const uint16_t* q, int64_t q_row_stride, const uint16_t* k, const u
   for (int64_t g = 0; g < num_groups; ++g)
     for (int64_t t = 0; t < tile_off[g + 1] - tile_off[g]; ++t)
       for (int h = 0; h < Hkv; ++h) packs.push_back({g, t, h});
-  struct Item { int64_t group, first; int h; };
-  std::vector<Item> items;
-  for (int64_t g = 0; g < num_groups; ++g)
-    for (int64_t first = 0; first < g_nq[g]; first += positions)
-      for (int h = 0; h < Hkv; ++h) items.push_back({g, first, h});
+  const std::vector<PrefillItem> items = prefill_items(num_groups, g_nq, positions, Hkv);
   const int64_t num_packs = static_cast<int64_t>(packs.size());
   const int64_t num_items = static_cast<int64_t>(items.size());
 #pragma omp parallel
@@ -279,17 +275,15 @@ void prefill(const uint16_t* q, int64_t q_row_stride, const uint16_t* k, const u
                 vt.get() + base);
     }
     configure_tiles();
-    // the last items of a group see the most keys: start with them
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t it = num_items - 1; it >= 0; --it) {
-      const Item item = items[it];
+    for (int64_t it = 0; it < num_items; ++it) {
+      const PrefillItem item = items[it];
       const int64_t g = item.group;
-      const int64_t npos = g_nq[g] - item.first < positions ? g_nq[g] - item.first : positions;
       const uint16_t* qrows[kRows];
       uint16_t* orows[kRows];
       int64_t limit[kRows];
-      const int R = item_rows(q, q_row_stride, out, out_row_stride, g_row0, g_nq, g_nk, g,
-                              item.first, npos, item.h, G, D, qrows, orows, limit);
+      const int R = item_rows(q, q_row_stride, out, out_row_stride, g_row0, g_nq, g_nk, item,
+                              positions, G, D, qrows, orows, limit);
       const size_t base = (static_cast<size_t>(item.h) * tiles + tile_off[g]) * T * D;
       amx_block<D>(qrows, limit, R, kp.get() + base, vt.get() + base, orows, scale);
     }

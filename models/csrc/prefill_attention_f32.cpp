@@ -232,27 +232,20 @@ void prefill(const float* q, int64_t q_row_stride, const TK* k, const TK* v,
              int D, float scale) {
   const int G = H / Hkv;
   const int positions = kMaxRows / G;  // per block
-  struct Item { int64_t group, first; int h; };
-  std::vector<Item> items;
-  // The last blocks of a group see the most keys: they go first, so the threads finish
-  // together.
-  for (int64_t g = 0; g < num_groups; ++g)
-    for (int64_t first = (g_nq[g] - 1) / positions * positions; first >= 0; first -= positions)
-      for (int h = 0; h < Hkv; ++h) items.push_back({g, first, h});
+  const std::vector<PrefillItem> items = prefill_items(num_groups, g_nq, positions, Hkv);
   const int64_t num_items = static_cast<int64_t>(items.size());
 #pragma omp parallel
   {
     Scratch sc(D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < num_items; ++it) {
-      const Item item = items[it];
+      const PrefillItem item = items[it];
       const int64_t g = item.group;
-      const int64_t npos = g_nq[g] - item.first < positions ? g_nq[g] - item.first : positions;
       const float* qrows[kMaxRows];
       float* orows[kMaxRows];
       int64_t limit[kMaxRows];
-      const int R = item_rows(q, q_row_stride, out, out_row_stride, g_row0, g_nq, g_nk, g,
-                              item.first, npos, item.h, G, D, qrows, orows, limit);
+      const int R = item_rows(q, q_row_stride, out, out_row_stride, g_row0, g_nq, g_nk, item,
+                              positions, G, D, qrows, orows, limit);
       const int64_t off = run_off[g];
       prefill_item<TK>(qrows, orows, limit, R, k + item.h * kv_head_stride,
                        v + item.h * kv_head_stride, run_start + off, run_len + off,
