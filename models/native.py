@@ -86,6 +86,8 @@ SOURCES = {
         "docpipe_qmatmul_supported": ([_int, _i64], _int),
         "docpipe_qmatmul_max_rows": ([], _int),
         "docpipe_qmatmul_path": ([], _int),
+        "docpipe_qmatmul_amx": ([_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64], _int),
+        "docpipe_qmatmul_amx_max_rows": ([], _int),
     }),
 }
 # Prefill libraries in order of preference: the first that supports a shape computes it.

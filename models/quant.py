@@ -6,6 +6,10 @@ rows, and a Q4_K_M file may give q, k and v different types). Rows are whole GGU
 a row permutation (llama's q/k un-permute) permutes packed rows.
 
     y = x W^T, x [M, K]:
+      CPU with AMX, bf16 x, M <= 256          csrc/qmatmul.cpp's AMX path: blocks of 32 rows
+      (decode steps of many sequences)        dequantized to bf16 in L1/L2 and multiplied on
+                                              the tile unit, W read once; the values of x @
+                                              W.to(bf16)^T with fp32 sums (as the BLAS path)
       CPU, native kernels, M <= 16 (decode)   csrc/qmatmul.cpp: blocks dequantized in L1 and
                                               FMA'd into fp32 accumulators, W read once
       CPU, M > 16 (prefill)                   tiles of TILE_ELEMENTS dequantized to x's dtype
@@ -54,6 +58,12 @@ def kernel_path() -> str | None:
     """The native kernel's code path ("avx512", "avx2", "portable"), None without it."""
     lib = _lib()
     return None if lib is None else {2: "avx512", 1: "avx2", 0: "portable"}[lib.docpipe_qmatmul_path()]
+
+
+def amx_max_rows() -> int:
+    """Most rows of bf16 x the AMX matmul takes: 0 without AMX (CPU, OS grant or build)."""
+    lib = _lib()
+    return 0 if lib is None else lib.docpipe_qmatmul_amx_max_rows()
 
 
 # -- torch dequantizers (any device) --------------------------------------------------------
@@ -237,6 +247,15 @@ class PackedWeight(nn.Module):
         if m == 0:  # e.g. the logits of a step whose rows are all mid-prefill
             return out
         lib = _lib()
+        if (not fixed_k and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+                and m <= amx_max_rows()):
+            x = x.contiguous()
+            for ggml_type, packed, lo, hi in self.segments():
+                rc = lib.docpipe_qmatmul_amx(
+                    ggml_type, packed.data_ptr(), hi - lo, self.in_features, x.data_ptr(),
+                    x.stride(0), m, out[0, lo:].data_ptr(), out.stride(0))
+                assert rc == 0, f"docpipe_qmatmul_amx refused type {ggml_type}"
+            return out
         use_kernel = (lib is not None and x.device.type == "cpu" and x.dtype in native.DTYPES
                       and (m <= MAX_KERNEL_ROWS or fixed_k))
         if use_kernel:

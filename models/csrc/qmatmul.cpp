@@ -10,6 +10,9 @@
 // fp32 accumulation; the sum order (lane-wise partial sums over K, then a horizontal sum)
 // differs from the BLAS's, so results equal the dequantized path within fp32 rounding.
 //
+// On AMX CPUs, bf16 x of up to 256 rows (decode steps of many sequences) takes the tile path
+// instead (docpipe_qmatmul_amx, below): W rounded to bf16, products on the tile unit.
+//
 // Dequantized values are bit-equal to models/gguf.py (and so gguf.quants.dequantize): every
 // d * scale * q product is exact in fp32 and the one subtraction (or addition) of the min
 // rounds once, whether or not the compiler fuses it into an FMA.
@@ -203,14 +206,70 @@ inline __m256 u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v
 inline __m256 i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 inline __m128i hi8(__m128i v) { return _mm_srli_si128(v, 8); }
 
-// 32 unsigned bytes (q) -> out[0..32) = a * q + c (exact product, one rounding).
-inline void affine32(__m256i q, __m256 a, __m256 c, float* out) {
-  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-  _mm256_storeu_ps(out, _mm256_fmadd_ps(u8x8(lo), a, c));
-  _mm256_storeu_ps(out + 8, _mm256_fmadd_ps(u8x8(hi8(lo)), a, c));
-  _mm256_storeu_ps(out + 16, _mm256_fmadd_ps(u8x8(hi), a, c));
-  _mm256_storeu_ps(out + 24, _mm256_fmadd_ps(u8x8(hi8(hi)), a, c));
-}
+// Where the SIMD dequantizers put a block's groups of 32 values (q: 32 bytes of quants, value
+// i of the group at out + i). F32Out writes fp32; Bf16Out (AVX-512 BF16) rounds the same
+// fp32 values to bf16 in registers (nearest even, as torch's .to(bfloat16)).
+//   affine(q, a, c):       a * q + c, q unsigned (exact product, one rounding)
+//   centered(q, o, d0, d1): (q - o) * d, q unsigned, d0 for values 0-15 and d1 for 16-31
+//   signed8(q, d):          q * d, q signed bytes
+struct F32Out {
+  float* out;
+  F32Out at(int i) const { return {out + i}; }
+  void affine(__m256i q, float a, float c) const {
+    const __m256 av = _mm256_set1_ps(a), cv = _mm256_set1_ps(c);
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    _mm256_storeu_ps(out, _mm256_fmadd_ps(u8x8(lo), av, cv));
+    _mm256_storeu_ps(out + 8, _mm256_fmadd_ps(u8x8(hi8(lo)), av, cv));
+    _mm256_storeu_ps(out + 16, _mm256_fmadd_ps(u8x8(hi), av, cv));
+    _mm256_storeu_ps(out + 24, _mm256_fmadd_ps(u8x8(hi8(hi)), av, cv));
+  }
+  void centered(__m256i q, int offset, float d0, float d1) const {
+    const __m256i o = _mm256_set1_epi32(offset);
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    const __m128i parts[4] = {lo, hi8(lo), hi, hi8(hi)};
+    for (int i = 0; i < 4; ++i)
+      _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(
+          _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(parts[i]), o)),
+          _mm256_set1_ps(i < 2 ? d0 : d1)));
+  }
+  void signed8(__m256i q, float d) const {
+    const __m256 dv = _mm256_set1_ps(d);
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    _mm256_storeu_ps(out, _mm256_mul_ps(i8x8(lo), dv));
+    _mm256_storeu_ps(out + 8, _mm256_mul_ps(i8x8(hi8(lo)), dv));
+    _mm256_storeu_ps(out + 16, _mm256_mul_ps(i8x8(hi), dv));
+    _mm256_storeu_ps(out + 24, _mm256_mul_ps(i8x8(hi8(hi)), dv));
+  }
+};
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+struct Bf16Out {
+  uint16_t* out;
+  Bf16Out at(int i) const { return {out + i}; }
+  void put(__m512 lo, __m512 hi) const {  // values 0-15, 16-31
+    _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+  static __m512 u8x16(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
+  void affine(__m256i q, float a, float c) const {
+    const __m512 av = _mm512_set1_ps(a), cv = _mm512_set1_ps(c);
+    put(_mm512_fmadd_ps(u8x16(_mm256_castsi256_si128(q)), av, cv),
+        _mm512_fmadd_ps(u8x16(_mm256_extracti128_si256(q, 1)), av, cv));
+  }
+  void centered(__m256i q, int offset, float d0, float d1) const {
+    const __m512i o = _mm512_set1_epi32(offset);
+    const auto part = [&](__m128i v, float d) {
+      return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(v), o)),
+                           _mm512_set1_ps(d));
+    };
+    put(part(_mm256_castsi256_si128(q), d0), part(_mm256_extracti128_si256(q, 1), d1));
+  }
+  void signed8(__m256i q, float d) const {
+    const __m512 dv = _mm512_set1_ps(d);
+    put(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), dv),
+        _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), dv));
+  }
+};
+#endif
 
 // The 16 nibble bytes at q: low nibbles (values 0..15) then high nibbles (16..31).
 inline __m256i nibbles32(const uint8_t* q) {
@@ -233,46 +292,38 @@ inline __m256i fifth_bits32(const uint8_t* qh_at) {
   return _mm256_and_si256(set, _mm256_set1_epi8(16));
 }
 
-inline void simd_q8_0(const uint8_t* b, float* out) {
-  const __m256 d = _mm256_set1_ps(half_f16c(b));
-  const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
-  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-  _mm256_storeu_ps(out, _mm256_mul_ps(i8x8(lo), d));
-  _mm256_storeu_ps(out + 8, _mm256_mul_ps(i8x8(hi8(lo)), d));
-  _mm256_storeu_ps(out + 16, _mm256_mul_ps(i8x8(hi), d));
-  _mm256_storeu_ps(out + 24, _mm256_mul_ps(i8x8(hi8(hi)), d));
+template <class Out>
+inline void simd_q8_0(const uint8_t* b, Out out) {
+  out.signed8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)), half_f16c(b));
 }
 
 // Q4_0 / Q5_0: d * (q - offset); q - offset is exact in int, as in the scalar code.
-inline void signed32(__m256i q, int offset, __m256 d, float* out) {
-  const __m256i o = _mm256_set1_epi32(offset);
-  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-  const __m128i parts[4] = {lo, hi8(lo), hi, hi8(hi)};
-  for (int i = 0; i < 4; ++i)
-    _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(
-        _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(parts[i]), o)), d));
+template <class Out>
+inline void simd_q4_0(const uint8_t* b, Out out) {
+  const float d = half_f16c(b);
+  out.centered(nibbles32(b + 2), 8, d, d);
 }
 
-inline void simd_q4_0(const uint8_t* b, float* out) {
-  signed32(nibbles32(b + 2), 8, _mm256_set1_ps(half_f16c(b)), out);
+template <class Out>
+inline void simd_q4_1(const uint8_t* b, Out out) {
+  out.affine(nibbles32(b + 4), half_f16c(b), half_f16c(b + 2));
 }
 
-inline void simd_q4_1(const uint8_t* b, float* out) {
-  affine32(nibbles32(b + 4), _mm256_set1_ps(half_f16c(b)), _mm256_set1_ps(half_f16c(b + 2)), out);
+template <class Out>
+inline void simd_q5_0(const uint8_t* b, Out out) {
+  const float d = half_f16c(b);
+  out.centered(_mm256_or_si256(nibbles32(b + 6), fifth_bits32(b + 2)), 16, d, d);
 }
 
-inline void simd_q5_0(const uint8_t* b, float* out) {
-  const __m256i q = _mm256_or_si256(nibbles32(b + 6), fifth_bits32(b + 2));
-  signed32(q, 16, _mm256_set1_ps(half_f16c(b)), out);
-}
-
-inline void simd_q5_1(const uint8_t* b, float* out) {
-  const __m256i q = _mm256_or_si256(nibbles32(b + 8), fifth_bits32(b + 4));
-  affine32(q, _mm256_set1_ps(half_f16c(b)), _mm256_set1_ps(half_f16c(b + 2)), out);
+template <class Out>
+inline void simd_q5_1(const uint8_t* b, Out out) {
+  out.affine(_mm256_or_si256(nibbles32(b + 8), fifth_bits32(b + 4)), half_f16c(b),
+             half_f16c(b + 2));
 }
 
 // Q4_K / Q5_K: sub-block s is a * q - c, with q the low or high nibbles of 32 bytes.
-inline void simd_q45_k(const uint8_t* b, bool five, float* out) {
+template <class Out>
+inline void simd_q45_k(const uint8_t* b, bool five, Out out) {
   const float d = half_f16c(b), dmin = half_f16c(b + 2);
   const uint8_t *qh = b + 16, *qs = b + (five ? 48 : 16);
   const __m256i m15 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
@@ -285,12 +336,12 @@ inline void simd_q45_k(const uint8_t* b, bool five, float* out) {
     __m256i q = _mm256_and_si256(_mm256_srli_epi16(raw, 4 * (s % 2)), m15);
     if (five)  // + 16 * bit s of qh[l]
       q = _mm256_add_epi8(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, s), one), 4));
-    affine32(q, _mm256_set1_ps(d * static_cast<float>(sc)),
-             _mm256_set1_ps(-(dmin * static_cast<float>(mn))), out + 32 * s);
+    out.at(32 * s).affine(q, d * static_cast<float>(sc), -(dmin * static_cast<float>(mn)));
   }
 }
 
-inline void simd_q6_k(const uint8_t* b, float* out) {
+template <class Out>
+inline void simd_q6_k(const uint8_t* b, Out out) {
   const uint8_t *ql = b, *qh = b + 128;
   const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
   const float d = half_f16c(b + 208);
@@ -304,40 +355,37 @@ inline void simd_q6_k(const uint8_t* b, float* out) {
           _mm256_and_si256(_mm256_srli_epi16(lo, 4 * (k / 2)), m15),
           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2 * k), m3), 4));
       const int base = 128 * h + 32 * k;
-      const __m256 a0 = _mm256_set1_ps(d * static_cast<float>(sc[base / 16]));
-      const __m256 a1 = _mm256_set1_ps(d * static_cast<float>(sc[base / 16 + 1]));
-      const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
-      const __m128i parts[4] = {q0, hi8(q0), q1, hi8(q1)};
-      const __m256i o = _mm256_set1_epi32(32);
-      for (int i = 0; i < 4; ++i)
-        _mm256_storeu_ps(out + base + 8 * i, _mm256_mul_ps(
-            _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(parts[i]), o)),
-            i < 2 ? a0 : a1));
+      out.at(base).centered(q, 32, d * static_cast<float>(sc[base / 16]),
+                            d * static_cast<float>(sc[base / 16 + 1]));
     }
   }
 }
 #endif  // DOCPIPE_AVX2 && __F16C__
 
+template <int TYPE>
+constexpr Format kFormat = TYPE == Q4_0 ? Format{32, 18} : TYPE == Q4_1 ? Format{32, 20}
+                           : TYPE == Q5_0 ? Format{32, 22} : TYPE == Q5_1 ? Format{32, 24}
+                           : TYPE == Q8_0 ? Format{32, 34} : TYPE == Q2_K ? Format{256, 84}
+                           : TYPE == Q4_K ? Format{256, 144} : TYPE == Q5_K ? Format{256, 176}
+                                          : Format{256, 210};
+
 // `count` values (whole blocks) of a row starting at value `first`, into out.
 template <int TYPE>
 inline void dequant_span(const uint8_t* row, int64_t first, int count, float* out) {
-  constexpr Format f = TYPE == Q4_0 ? Format{32, 18} : TYPE == Q4_1 ? Format{32, 20}
-                       : TYPE == Q5_0 ? Format{32, 22} : TYPE == Q5_1 ? Format{32, 24}
-                       : TYPE == Q8_0 ? Format{32, 34} : TYPE == Q2_K ? Format{256, 84}
-                       : TYPE == Q4_K ? Format{256, 144} : TYPE == Q5_K ? Format{256, 176}
-                                      : Format{256, 210};
+  constexpr Format f = kFormat<TYPE>;
   const uint8_t* b = row + (first / f.block_size) * f.type_size;
   for (int i = 0; i < count; i += f.block_size, b += f.type_size) {
 #ifdef DOCPIPE_SIMD_DEQUANT
-    if constexpr (TYPE == Q4_0) simd_q4_0(b, out + i);
-    else if constexpr (TYPE == Q4_1) simd_q4_1(b, out + i);
-    else if constexpr (TYPE == Q5_0) simd_q5_0(b, out + i);
-    else if constexpr (TYPE == Q5_1) simd_q5_1(b, out + i);
-    else if constexpr (TYPE == Q8_0) simd_q8_0(b, out + i);
+    const F32Out o{out + i};
+    if constexpr (TYPE == Q4_0) simd_q4_0(b, o);
+    else if constexpr (TYPE == Q4_1) simd_q4_1(b, o);
+    else if constexpr (TYPE == Q5_0) simd_q5_0(b, o);
+    else if constexpr (TYPE == Q5_1) simd_q5_1(b, o);
+    else if constexpr (TYPE == Q8_0) simd_q8_0(b, o);
     else if constexpr (TYPE == Q2_K) dequant_q2_k(b, out + i);
-    else if constexpr (TYPE == Q4_K) simd_q45_k(b, false, out + i);
-    else if constexpr (TYPE == Q5_K) simd_q45_k(b, true, out + i);
-    else simd_q6_k(b, out + i);
+    else if constexpr (TYPE == Q4_K) simd_q45_k(b, false, o);
+    else if constexpr (TYPE == Q5_K) simd_q45_k(b, true, o);
+    else simd_q6_k(b, o);
     continue;
 #endif
     if constexpr (TYPE == Q4_0) dequant_q4_0(b, out + i);
@@ -473,6 +521,159 @@ inline void thread_rows(int64_t n, int t, int nt, int64_t* j0, int64_t* j1) {
   *j1 = g1 * 4 < n ? g1 * 4 : n;
 }
 
+#ifdef DOCPIPE_AMX
+// AMX path for bf16 x and 2..kAmxMaxRows rows (decode steps of many sequences): the products
+// run on the tile unit instead of one FMA per weight and row. Each thread takes whole blocks
+// of 32 W rows. A block's rows are dequantized (the same fp32 values as above) and rounded to
+// bf16 (round to nearest even, as torch's .to(bfloat16)) into a 32 x K buffer in L1/L2: the
+// A operand of two tiles, read in place. x is packed once per call into B tiles (pairs of k
+// of 16 rows per 64-byte tile row, zero past m), shared by the threads. C^T = W x^T is
+// accumulated over K in fp32 tiles, 2 W tiles x 2 x tiles at a time, then transposed into y.
+// So y equals x @ W.to(bf16)^T in fp32 accumulation (the BLAS path's values), W is read from
+// memory once per call, and a row's value does not depend on m.
+constexpr int kAmxMaxRows = 256;
+constexpr int kAmxBlock = 32;  // W rows per block: two A tiles
+
+// xb[(mb * k/2 + kp) * 16 + r] = the bf16 pair kp of x row 16 mb + r (0 for rows >= m), for
+// this thread's share of every mb's pairs.
+inline void pack_x_tiles(const uint16_t* x, int64_t ldx, int64_t m, int64_t k, uint32_t* xb,
+                         int t, int nt) {
+  const int64_t blocks = (m + 15) / 16, pairs = k / 2;
+  const int64_t p0 = pairs * t / nt, p1 = pairs * (t + 1) / nt;
+  const __m512i offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int>(ldx * 2)));  // bytes between x rows
+  for (int64_t mb = 0; mb < blocks; ++mb) {
+    const int64_t rows = m - 16 * mb < 16 ? m - 16 * mb : 16;
+    const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
+    const uint8_t* base = reinterpret_cast<const uint8_t*>(x + 16 * mb * ldx);
+    for (int64_t kp = p0; kp < p1; ++kp)
+      _mm512_storeu_si512(xb + (mb * pairs + kp) * 16,
+                          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets,
+                                                      base + 4 * kp, 1));
+  }
+}
+
+// W row `row` (k values) as bf16 into out: the SIMD dequantizers' values, rounded in registers.
+template <int TYPE>
+inline void dequant_row_bf16(const uint8_t* row, int64_t k, uint16_t* out) {
+  constexpr Format f = kFormat<TYPE>;
+  const uint8_t* b = row;
+  for (int64_t i = 0; i < k; i += f.block_size, b += f.type_size) {
+    const Bf16Out o{out + i};
+    if constexpr (TYPE == Q4_0) simd_q4_0(b, o);
+    else if constexpr (TYPE == Q4_1) simd_q4_1(b, o);
+    else if constexpr (TYPE == Q5_0) simd_q5_0(b, o);
+    else if constexpr (TYPE == Q5_1) simd_q5_1(b, o);
+    else if constexpr (TYPE == Q8_0) simd_q8_0(b, o);
+    else if constexpr (TYPE == Q4_K) simd_q45_k(b, false, o);
+    else if constexpr (TYPE == Q5_K) simd_q45_k(b, true, o);
+    else if constexpr (TYPE == Q6_K) simd_q6_k(b, o);
+    else {  // Q2_K: the scalar dequantizer, then rounded
+      alignas(64) float buf[256];
+      dequant_q2_k(b, buf);
+      for (int j = 0; j < 256; j += 32)
+        o.at(j).put(_mm512_load_ps(buf + j), _mm512_load_ps(buf + j + 16));
+    }
+  }
+}
+
+// The C^T tile in c (16 W rows x 16 x rows, fp32, row stride 16) into y[m0 + j, n0 + i] for
+// j < mrows, i < nrows, rounded to bf16.
+inline void store_transposed(const float* c, uint16_t* y, int64_t ldy, int64_t m0, int mrows,
+                             int64_t n0, int nrows) {
+  const __m512i down = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(16));
+  const __mmask16 live = static_cast<__mmask16>((1u << nrows) - 1);
+  for (int j = 0; j < mrows; ++j) {
+    const __m512 v = _mm512_i32gather_ps(down, c + j, 4);
+    _mm256_mask_storeu_epi16(y + (m0 + j) * ldy + n0, live, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
+// Rows [r0, r1) of the W block starting at row n0 (of those before j1) as bf16 into wb (32 x k);
+// rows past j1 are zeros.
+template <int TYPE>
+inline void dequant_block_rows(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t n0,
+                               int64_t j1, int r0, int r1, uint16_t* wb) {
+  for (int r = r0; r < r1; ++r) {
+    if (n0 + r < j1) dequant_row_bf16<TYPE>(w + (n0 + r) * row_bytes, k, wb + r * k);
+    else std::memset(wb + r * k, 0, k * 2);
+  }
+}
+
+// y rows [0, m) x columns [j0, j1) (W rows), in blocks of 32 W rows; wb: 2 x 32 x k scratch.
+// The next block's rows are dequantized (vector units) between the current block's first
+// tile products (tile unit), so the two overlap.
+template <int TYPE>
+void amx_rows(const uint8_t* w, int64_t row_bytes, int64_t k, const uint32_t* xb, int64_t m,
+              uint16_t* y, int64_t ldy, int64_t j0, int64_t j1, uint16_t* wb) {
+  alignas(64) float c[16 * 16];
+  const int64_t blocks = (m + 15) / 16, pairs = k / 2, stride = k * 2, steps = k / 32;
+  if (j0 >= j1) return;
+  dequant_block_rows<TYPE>(w, row_bytes, k, j0, j1, 0, kAmxBlock, wb);
+  int buf = 0;
+  for (int64_t n0 = j0; n0 < j1; n0 += kAmxBlock, buf ^= 1) {
+    const uint16_t* a = wb + buf * kAmxBlock * k;
+    uint16_t* next = wb + (buf ^ 1) * kAmxBlock * k;
+    const bool more = n0 + kAmxBlock < j1;
+    const int rows = static_cast<int>(j1 - n0 < kAmxBlock ? j1 - n0 : kAmxBlock);
+    const int lo = rows < 16 ? rows : 16, hi = rows - lo;
+    for (int64_t mb = 0; mb < blocks; mb += 2) {
+      const bool two = mb + 1 < blocks;
+      const uint32_t* b0 = xb + mb * pairs * 16;
+      const uint32_t* b1 = b0 + pairs * 16;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t s = 0; s < steps; ++s) {
+        const int64_t k0 = 32 * s;
+        _tile_loadd(4, a + k0, stride);
+        _tile_loadd(5, a + 16 * k + k0, stride);
+        _tile_loadd(6, b0 + k0 / 2 * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 5, 6);
+        if (two) {
+          _tile_loadd(7, b1 + k0 / 2 * 16, 64);
+          _tile_dpbf16ps(2, 4, 7);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        if (mb == 0 && more)  // this step's share of the next block's rows
+          dequant_block_rows<TYPE>(w, row_bytes, k, n0 + kAmxBlock, j1,
+                                   static_cast<int>(kAmxBlock * s / steps),
+                                   static_cast<int>(kAmxBlock * (s + 1) / steps), next);
+      }
+      for (int t = 0; t < (two ? 2 : 1); ++t) {
+        const int64_t m0 = 16 * (mb + t);
+        const int mrows = static_cast<int>(m - m0 < 16 ? m - m0 : 16);
+        if (t == 0) _tile_stored(0, c, 64);
+        else _tile_stored(2, c, 64);
+        store_transposed(c, y, ldy, m0, mrows, n0, lo);
+        if (hi > 0) {
+          if (t == 0) _tile_stored(1, c, 64);
+          else _tile_stored(3, c, 64);
+          store_transposed(c, y, ldy, m0, mrows, n0 + 16, hi);
+        }
+      }
+    }
+  }
+}
+
+void amx_dispatch(int type, const uint8_t* w, int64_t row_bytes, int64_t k, const uint32_t* xb,
+                  int64_t m, uint16_t* y, int64_t ldy, int64_t j0, int64_t j1, uint16_t* wb) {
+  switch (type) {
+#define DOCPIPE_T(t) \
+  case t: return amx_rows<t>(w, row_bytes, k, xb, m, y, ldy, j0, j1, wb);
+    DOCPIPE_T(Q4_0) DOCPIPE_T(Q4_1) DOCPIPE_T(Q5_0) DOCPIPE_T(Q5_1) DOCPIPE_T(Q8_0)
+    DOCPIPE_T(Q2_K) DOCPIPE_T(Q4_K) DOCPIPE_T(Q5_K) DOCPIPE_T(Q6_K)
+#undef DOCPIPE_T
+    default: return;
+  }
+}
+#endif  // DOCPIPE_AMX
+
 }  // namespace
 
 extern "C" {
@@ -514,6 +715,49 @@ int docpipe_qmatmul(int type, int dtype, const void* w, int64_t n, int64_t k, co
     }
   }
   return 0;
+}
+
+// Most x rows docpipe_qmatmul_amx takes: 0 where this build or CPU has no AMX (or the OS
+// does not grant it).
+int docpipe_qmatmul_amx_max_rows() {
+#ifdef DOCPIPE_AMX
+  return amx_permitted() ? kAmxMaxRows : 0;
+#else
+  return 0;
+#endif
+}
+
+// docpipe_qmatmul for bf16 x and y with m <= docpipe_qmatmul_amx_max_rows() on AMX tiles (W
+// rounded to bf16, fp32 sums: see amx_rows). Returns 0, or -1 where it does not take the call.
+int docpipe_qmatmul_amx(int type, const void* w, int64_t n, int64_t k, const void* x,
+                        int64_t ldx, int64_t m, void* y, int64_t ldy) {
+#ifdef DOCPIPE_AMX
+  if (!docpipe_qmatmul_supported(type, k) || m < 1 || m > kAmxMaxRows || !amx_permitted())
+    return -1;
+  const Format f = format(type);
+  const int64_t row_bytes = k / f.block_size * f.type_size;
+  std::vector<uint32_t> xb(static_cast<size_t>((m + 15) / 16 * 16 * (k / 2)));
+#pragma omp parallel
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    pack_x_tiles(static_cast<const uint16_t*>(x), ldx, m, k, xb.data(), t, nt);
+    static thread_local std::vector<uint16_t> wb;
+    if (wb.size() < static_cast<size_t>(2 * kAmxBlock * k)) wb.resize(2 * kAmxBlock * k);
+    const int64_t blocks = (n + kAmxBlock - 1) / kAmxBlock;
+    const int64_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
+    const int64_t j0 = b0 * kAmxBlock < n ? b0 * kAmxBlock : n;
+    const int64_t j1 = b1 * kAmxBlock < n ? b1 * kAmxBlock : n;
+    configure_tiles();
+#pragma omp barrier
+    amx_dispatch(type, static_cast<const uint8_t*>(w), row_bytes, k, xb.data(), m,
+                 static_cast<uint16_t*>(y), ldy, j0, j1, wb.data());
+    _tile_release();
+  }
+  return 0;
+#else
+  (void)type, (void)w, (void)n, (void)k, (void)x, (void)ldx, (void)m, (void)y, (void)ldy;
+  return -1;
+#endif
 }
 
 // out[j, :] = dequantized row j of W, for j < n (out contiguous [n, k], `dtype` as above).

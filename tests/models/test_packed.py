@@ -249,3 +249,47 @@ def test_batch_invariant_engines_load_gguf_dequantized(smollm2_gguf):
 
     assert packed(LLM(str(smollm2_gguf), dtype="float32", max_num_seqs=4))
     assert not packed(LLM(str(smollm2_gguf), dtype="float32", batch_invariant=True, max_num_seqs=4))
+
+
+needs_amx = pytest.mark.skipif(quant._lib() is None or quant.amx_max_rows() == 0,
+                               reason="no AMX qmatmul path on this CPU or build")
+
+
+@needs_amx
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: quant.PACKED_TYPES[t][0])
+def test_amx_matmul_is_bf16_weights_with_fp32_sums(ggml_type, monkeypatch):
+    """The AMX path (bf16 x, up to amx_max_rows() rows) computes x @ W.to(bf16)^T: one-hot
+    rows of x read single weights back exactly (dequantization, rounding and layout), random
+    rows are within fp32 summation plus one bf16 rounding of the result, and a row's value
+    does not depend on how many rows come with it. 70 rows of W: two blocks of 32 and a tail."""
+    k = 768 if quant.PACKED_TYPES[ggml_type][1] == 256 else 896
+    n = 70
+    packed = random_blocks(ggml_type, n, k, seed=5)
+    w = reference(ggml_type, packed, k).to(torch.bfloat16)
+    weight = quant.PackedWeight([(ggml_type, packed)], k, torch.bfloat16)
+    lib = quant._lib()
+    calls = []
+
+    class Counting:  # counts the AMX calls that matmul makes
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+            if name != "docpipe_qmatmul_amx":
+                return fn
+            return lambda *a: calls.append(a[6]) or fn(*a)
+
+    monkeypatch.setattr(quant, "_lib", lambda: Counting())
+    cols = torch.tensor([0, 1, 31, 32, 33, 255, 256, 257, 511, k - 33, k - 2, k - 1])
+    onehot = torch.zeros(len(cols), k, dtype=torch.bfloat16)
+    onehot[torch.arange(len(cols)), cols] = 1
+    assert torch.equal(weight.matmul(onehot), w[:, cols].T)
+
+    g = torch.Generator().manual_seed(ggml_type)
+    x = torch.randn(quant.amx_max_rows(), k, generator=g).to(torch.bfloat16)
+    full = weight.matmul(x)
+    ref = x.double() @ w.double().T
+    bound = 2.0**-8 * ref.abs() + 2 * k * 2.0**-24 * (x.double().abs() @ w.double().abs().T)
+    assert bool(((full.double() - ref).abs() <= bound).all())
+    for m in (1, 15, 16, 17, 40):
+        assert torch.equal(weight.matmul(x[:m]), full[:m])
+    assert torch.equal(weight.matmul(x[37:38]), full[37:38])
+    assert calls == [len(cols), quant.amx_max_rows(), 1, 15, 16, 17, 40, 1]
