@@ -47,6 +47,24 @@ inline Format format(int type) {
   }
 }
 
+// f(std::integral_constant<int, TYPE>{}) for the ggml type id `type`: one switch for every
+// kernel templated on the type. Unknown types call nothing.
+template <class F>
+inline void with_type(int type, F&& f) {
+  switch (type) {
+    case Q4_0: return f(std::integral_constant<int, Q4_0>{});
+    case Q4_1: return f(std::integral_constant<int, Q4_1>{});
+    case Q5_0: return f(std::integral_constant<int, Q5_0>{});
+    case Q5_1: return f(std::integral_constant<int, Q5_1>{});
+    case Q8_0: return f(std::integral_constant<int, Q8_0>{});
+    case Q2_K: return f(std::integral_constant<int, Q2_K>{});
+    case Q4_K: return f(std::integral_constant<int, Q4_K>{});
+    case Q5_K: return f(std::integral_constant<int, Q5_K>{});
+    case Q6_K: return f(std::integral_constant<int, Q6_K>{});
+    default: return;
+  }
+}
+
 // IEEE half -> float (normals, denormals, inf/NaN), branch-light and exact.
 inline float half(const uint8_t* p) {
   uint16_t h;
@@ -243,6 +261,7 @@ struct F32Out {
 };
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define DOCPIPE_BF16_DEQUANT 1
 struct Bf16Out {
   uint16_t* out;
   Bf16Out at(int i) const { return {out + i}; }
@@ -400,6 +419,32 @@ inline void dequant_span(const uint8_t* row, int64_t first, int count, float* ou
   }
 }
 
+#ifdef DOCPIPE_BF16_DEQUANT
+// W row `row` (k values) as bf16 into out: the SIMD dequantizers' values, rounded in registers.
+template <int TYPE>
+inline void dequant_row_bf16(const uint8_t* row, int64_t k, uint16_t* out) {
+  constexpr Format f = kFormat<TYPE>;
+  const uint8_t* b = row;
+  for (int64_t i = 0; i < k; i += f.block_size, b += f.type_size) {
+    const Bf16Out o{out + i};
+    if constexpr (TYPE == Q4_0) simd_q4_0(b, o);
+    else if constexpr (TYPE == Q4_1) simd_q4_1(b, o);
+    else if constexpr (TYPE == Q5_0) simd_q5_0(b, o);
+    else if constexpr (TYPE == Q5_1) simd_q5_1(b, o);
+    else if constexpr (TYPE == Q8_0) simd_q8_0(b, o);
+    else if constexpr (TYPE == Q4_K) simd_q45_k(b, false, o);
+    else if constexpr (TYPE == Q5_K) simd_q45_k(b, true, o);
+    else if constexpr (TYPE == Q6_K) simd_q6_k(b, o);
+    else {  // Q2_K: the scalar dequantizer, then rounded
+      alignas(64) float buf[256];
+      dequant_q2_k(b, buf);
+      for (int j = 0; j < 256; j += 32)
+        o.at(j).put(_mm512_load_ps(buf + j), _mm512_load_ps(buf + j + 16));
+    }
+  }
+}
+#endif  // DOCPIPE_BF16_DEQUANT
+
 constexpr int kChunk = 256;  // values dequantized at a time (a multiple of every block size)
 constexpr int kMaxRows = 16;
 
@@ -476,41 +521,27 @@ void matmul_type(int64_t m, const uint8_t* w, int64_t row_bytes, int64_t k, cons
 template <typename T>
 void matmul_dispatch(int type, int64_t m, const uint8_t* w, int64_t row_bytes, int64_t k,
                      const T* x, int64_t ldx, T* y, int64_t ldy, int64_t j0, int64_t j1) {
-  switch (type) {
-    case Q4_0: return matmul_type<Q4_0>(m, w, row_bytes, k, x, ldx, y, ldy, j0, j1);
-    case Q4_1: return matmul_type<Q4_1>(m, w, row_bytes, k, x, ldx, y, ldy, j0, j1);
-    case Q5_0: return matmul_type<Q5_0>(m, w, row_bytes, k, x, ldx, y, ldy, j0, j1);
-    case Q5_1: return matmul_type<Q5_1>(m, w, row_bytes, k, x, ldx, y, ldy, j0, j1);
-    case Q8_0: return matmul_type<Q8_0>(m, w, row_bytes, k, x, ldx, y, ldy, j0, j1);
-    case Q2_K: return matmul_type<Q2_K>(m, w, row_bytes, k, x, ldx, y, ldy, j0, j1);
-    case Q4_K: return matmul_type<Q4_K>(m, w, row_bytes, k, x, ldx, y, ldy, j0, j1);
-    case Q5_K: return matmul_type<Q5_K>(m, w, row_bytes, k, x, ldx, y, ldy, j0, j1);
-    case Q6_K: return matmul_type<Q6_K>(m, w, row_bytes, k, x, ldx, y, ldy, j0, j1);
-    default: return;
-  }
+  with_type(type, [&](auto t) { matmul_type<t()>(m, w, row_bytes, k, x, ldx, y, ldy, j0, j1); });
 }
 
 template <typename T>
 void dequant_dispatch(int type, const uint8_t* row, int64_t k, T* out) {
-  alignas(64) float buf[kChunk];
-  for (int64_t k0 = 0; k0 < k; k0 += kChunk) {
-    const int count = static_cast<int>(k - k0 < kChunk ? k - k0 : kChunk);
-    float* dst = std::is_same<T, float>::value ? reinterpret_cast<float*>(out) + k0 : buf;
-    switch (type) {
-      case Q4_0: dequant_span<Q4_0>(row, k0, count, dst); break;
-      case Q4_1: dequant_span<Q4_1>(row, k0, count, dst); break;
-      case Q5_0: dequant_span<Q5_0>(row, k0, count, dst); break;
-      case Q5_1: dequant_span<Q5_1>(row, k0, count, dst); break;
-      case Q8_0: dequant_span<Q8_0>(row, k0, count, dst); break;
-      case Q2_K: dequant_span<Q2_K>(row, k0, count, dst); break;
-      case Q4_K: dequant_span<Q4_K>(row, k0, count, dst); break;
-      case Q5_K: dequant_span<Q5_K>(row, k0, count, dst); break;
-      case Q6_K: dequant_span<Q6_K>(row, k0, count, dst); break;
-      default: return;
-    }
-    if (!std::is_same<T, float>::value)
-      for (int i = 0; i < count; ++i) store(out, k0 + i, buf[i]);
+#ifdef DOCPIPE_BF16_DEQUANT
+  if constexpr (std::is_same<T, uint16_t>::value) {  // rounded in registers
+    with_type(type, [&](auto t) { dequant_row_bf16<t()>(row, k, out); });
+    return;
   }
+#endif
+  with_type(type, [&](auto t) {
+    alignas(64) float buf[kChunk];
+    for (int64_t k0 = 0; k0 < k; k0 += kChunk) {
+      const int count = static_cast<int>(k - k0 < kChunk ? k - k0 : kChunk);
+      float* dst = std::is_same<T, float>::value ? reinterpret_cast<float*>(out) + k0 : buf;
+      dequant_span<t()>(row, k0, count, dst);
+      if (!std::is_same<T, float>::value)
+        for (int i = 0; i < count; ++i) store(out, k0 + i, buf[i]);
+    }
+  });
 }
 
 // Rows [j0, j1) of `n` for thread t of nt, in whole groups of 4 rows (cache lines of y).
@@ -551,30 +582,6 @@ inline void pack_x_tiles(const uint16_t* x, int64_t ldx, int64_t m, int64_t k, u
       _mm512_storeu_si512(xb + (mb * pairs + kp) * 16,
                           _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets,
                                                       base + 4 * kp, 1));
-  }
-}
-
-// W row `row` (k values) as bf16 into out: the SIMD dequantizers' values, rounded in registers.
-template <int TYPE>
-inline void dequant_row_bf16(const uint8_t* row, int64_t k, uint16_t* out) {
-  constexpr Format f = kFormat<TYPE>;
-  const uint8_t* b = row;
-  for (int64_t i = 0; i < k; i += f.block_size, b += f.type_size) {
-    const Bf16Out o{out + i};
-    if constexpr (TYPE == Q4_0) simd_q4_0(b, o);
-    else if constexpr (TYPE == Q4_1) simd_q4_1(b, o);
-    else if constexpr (TYPE == Q5_0) simd_q5_0(b, o);
-    else if constexpr (TYPE == Q5_1) simd_q5_1(b, o);
-    else if constexpr (TYPE == Q8_0) simd_q8_0(b, o);
-    else if constexpr (TYPE == Q4_K) simd_q45_k(b, false, o);
-    else if constexpr (TYPE == Q5_K) simd_q45_k(b, true, o);
-    else if constexpr (TYPE == Q6_K) simd_q6_k(b, o);
-    else {  // Q2_K: the scalar dequantizer, then rounded
-      alignas(64) float buf[256];
-      dequant_q2_k(b, buf);
-      for (int j = 0; j < 256; j += 32)
-        o.at(j).put(_mm512_load_ps(buf + j), _mm512_load_ps(buf + j + 16));
-    }
   }
 }
 
@@ -663,14 +670,7 @@ void amx_rows(const uint8_t* w, int64_t row_bytes, int64_t k, const uint32_t* xb
 
 void amx_dispatch(int type, const uint8_t* w, int64_t row_bytes, int64_t k, const uint32_t* xb,
                   int64_t m, uint16_t* y, int64_t ldy, int64_t j0, int64_t j1, uint16_t* wb) {
-  switch (type) {
-#define DOCPIPE_T(t) \
-  case t: return amx_rows<t>(w, row_bytes, k, xb, m, y, ldy, j0, j1, wb);
-    DOCPIPE_T(Q4_0) DOCPIPE_T(Q4_1) DOCPIPE_T(Q5_0) DOCPIPE_T(Q5_1) DOCPIPE_T(Q8_0)
-    DOCPIPE_T(Q2_K) DOCPIPE_T(Q4_K) DOCPIPE_T(Q5_K) DOCPIPE_T(Q6_K)
-#undef DOCPIPE_T
-    default: return;
-  }
+  with_type(type, [&](auto t) { amx_rows<t()>(w, row_bytes, k, xb, m, y, ldy, j0, j1, wb); });
 }
 #endif  // DOCPIPE_AMX
 
