@@ -147,3 +147,34 @@ def isa_environment(level: str) -> dict[str, str]:
     elif level == "avx512_bf16":
         env |= {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "ATEN_CPU_CAPABILITY": "avx512"}
     return env
+
+
+# glibc mallopt parameters: freed blocks below the mmap threshold go back to the heap, and
+# the heap's top is returned to the OS only past the trim threshold.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+KEEP_FREED = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 512 << 20, _M_TOP_PAD: 64 << 20}
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed activation buffers for reuse instead of returning them
+    to the OS; True where it took effect (Linux with glibc, unless DOCPIPE_KEEP_FREED_MEMORY=0).
+
+    A forward pass allocates and frees the same few-MB activation tensors layer after layer.
+    By default glibc serves them with mmap (or trims them off the heap's top) and gives them
+    back at free, so every layer's next allocation page-faults and the kernel zeroes its
+    pages again. Allocations up to 32 MiB now come from the heap, which keeps up to 512 MiB
+    free at its top. Measured on SmolLM2, a 2048-token bf16 prefill, alternated in one
+    process (Xeon with AMX, 2 threads): best 0.995 -> 0.724 s, median 1.27 -> 1.00 s.
+    What it costs: up to that much freed memory stays in the process's RSS. Buffers over
+    32 MiB (KV caches, weights) are still mapped and unmapped as before."""
+    if os.environ.get("DOCPIPE_KEEP_FREED_MEMORY", "1") == "0" or platform.system() != "Linux":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    return all(mallopt(param, value) == 1 for param, value in KEEP_FREED.items())

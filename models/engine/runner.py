@@ -20,6 +20,7 @@ import torch
 
 from models.attention import AttentionMetadata, SeqSpan
 from models.config import ModelConfig
+from models.cpu import keep_freed_memory
 from models.engine.scheduler import ScheduledBatch
 from models.moe import RouteStats
 from models.transformer import TransformerLM
@@ -57,6 +58,8 @@ class ModelRunner:
     def __init__(self, model: TransformerLM, num_blocks: int | list[int], block_size: int,
                  align: int | None = None, kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
+        if model.device.type == "cpu":
+            keep_freed_memory()  # activations reused, not page-faulted in each layer
         self.block_size = block_size
         self.align = align  # batch-invariant query groups (see models.attention)
         c = model.config

@@ -4,6 +4,11 @@ names end up (engine stats, output rows, fingerprints). Tiny random models only.
 from __future__ import annotations
 
 import logging
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +173,37 @@ def test_run_config_records_resolved_dtypes(isa):
         RunConfig(dtype="float32").fingerprint("w", "p"))
     with pytest.raises(ValueError, match="kv_cache_dtype='fp8'"):
         RunConfig(kv_cache_dtype="fp8")
+
+
+_RSS_CHILD = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+from tests.models.engine.helpers import make_engine, tiny_model
+make_engine(tiny_model())  # the engine's runner sets the allocator up
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+x = torch.ones(6 << 20)  # 24 MiB of fp32: a prefill activation's size
+touched = rss()
+del x
+print(touched - rss())
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="glibc's mallopt")
+@pytest.mark.parametrize("keep", ["1", "0"])
+def test_engines_keep_freed_activation_memory(keep):
+    """An engine on CPU makes malloc keep a freed activation-sized buffer in the process for
+    the next one (its pages stay resident: no page faults and zeroing when the next layer
+    allocates); DOCPIPE_KEEP_FREED_MEMORY=0 leaves glibc's default, which unmaps it at free.
+    Child processes: the setting is process-wide."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, DOCPIPE_KEEP_FREED_MEMORY=keep)
+    out = subprocess.run([sys.executable, "-c", _RSS_CHILD.format(root=root)],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    released = int(out.stdout.split()[-1])
+    if keep == "1":
+        assert released < 4 << 20, f"{released >> 20} MiB went back to the OS at free"
+    else:
+        assert released > 20 << 20, f"only {released >> 20} MiB went back: glibc's default unmaps"
