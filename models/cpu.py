@@ -164,8 +164,9 @@ def keep_freed_memory() -> bool:
     By default glibc serves them with mmap (or trims them off the heap's top) and gives them
     back at free, so every layer's next allocation page-faults and the kernel zeroes its
     pages again. Allocations up to 32 MiB now come from the heap, which keeps up to 512 MiB
-    free at its top. Measured on SmolLM2, a 2048-token bf16 prefill, alternated in one
-    process (Xeon with AMX, 2 threads): best 0.995 -> 0.724 s, median 1.27 -> 1.00 s.
+    free at its top. Measured on SmolLM2, 2048-token bf16 prefills (Xeon with AMX, 2
+    threads, processes alternated): 3,300-36,000 page faults per pass (13-140 MiB zeroed
+    again) -> 0-315; the time per pass moved within this shared host's noise.
     What it costs: up to that much freed memory stays in the process's RSS. Buffers over
     32 MiB (KV caches, weights) are still mapped and unmapped as before."""
     if os.environ.get("DOCPIPE_KEEP_FREED_MEMORY", "1") == "0" or platform.system() != "Linux":
