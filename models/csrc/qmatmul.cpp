@@ -379,6 +379,20 @@ inline void simd_q6_k(const uint8_t* b, Out out) {
     }
   }
 }
+
+// One block of TYPE through its SIMD dequantizer into out (Q2_K has none: callers use the
+// scalar one).
+template <int TYPE, class Out>
+inline void simd_block(const uint8_t* b, Out out) {
+  if constexpr (TYPE == Q4_0) simd_q4_0(b, out);
+  else if constexpr (TYPE == Q4_1) simd_q4_1(b, out);
+  else if constexpr (TYPE == Q5_0) simd_q5_0(b, out);
+  else if constexpr (TYPE == Q5_1) simd_q5_1(b, out);
+  else if constexpr (TYPE == Q8_0) simd_q8_0(b, out);
+  else if constexpr (TYPE == Q4_K) simd_q45_k(b, false, out);
+  else if constexpr (TYPE == Q5_K) simd_q45_k(b, true, out);
+  else if constexpr (TYPE == Q6_K) simd_q6_k(b, out);
+}
 #endif  // DOCPIPE_AVX2 && __F16C__
 
 template <int TYPE>
@@ -395,16 +409,8 @@ inline void dequant_span(const uint8_t* row, int64_t first, int count, float* ou
   const uint8_t* b = row + (first / f.block_size) * f.type_size;
   for (int i = 0; i < count; i += f.block_size, b += f.type_size) {
 #ifdef DOCPIPE_SIMD_DEQUANT
-    const F32Out o{out + i};
-    if constexpr (TYPE == Q4_0) simd_q4_0(b, o);
-    else if constexpr (TYPE == Q4_1) simd_q4_1(b, o);
-    else if constexpr (TYPE == Q5_0) simd_q5_0(b, o);
-    else if constexpr (TYPE == Q5_1) simd_q5_1(b, o);
-    else if constexpr (TYPE == Q8_0) simd_q8_0(b, o);
-    else if constexpr (TYPE == Q2_K) dequant_q2_k(b, out + i);
-    else if constexpr (TYPE == Q4_K) simd_q45_k(b, false, o);
-    else if constexpr (TYPE == Q5_K) simd_q45_k(b, true, o);
-    else simd_q6_k(b, o);
+    if constexpr (TYPE == Q2_K) dequant_q2_k(b, out + i);
+    else simd_block<TYPE>(b, F32Out{out + i});
     continue;
 #endif
     if constexpr (TYPE == Q4_0) dequant_q4_0(b, out + i);
@@ -427,15 +433,9 @@ inline void dequant_row_bf16(const uint8_t* row, int64_t k, uint16_t* out) {
   const uint8_t* b = row;
   for (int64_t i = 0; i < k; i += f.block_size, b += f.type_size) {
     const Bf16Out o{out + i};
-    if constexpr (TYPE == Q4_0) simd_q4_0(b, o);
-    else if constexpr (TYPE == Q4_1) simd_q4_1(b, o);
-    else if constexpr (TYPE == Q5_0) simd_q5_0(b, o);
-    else if constexpr (TYPE == Q5_1) simd_q5_1(b, o);
-    else if constexpr (TYPE == Q8_0) simd_q8_0(b, o);
-    else if constexpr (TYPE == Q4_K) simd_q45_k(b, false, o);
-    else if constexpr (TYPE == Q5_K) simd_q45_k(b, true, o);
-    else if constexpr (TYPE == Q6_K) simd_q6_k(b, o);
-    else {  // Q2_K: the scalar dequantizer, then rounded
+    if constexpr (TYPE != Q2_K) {
+      simd_block<TYPE>(b, o);
+    } else {  // Q2_K: the scalar dequantizer, then rounded
       alignas(64) float buf[256];
       dequant_q2_k(b, buf);
       for (int j = 0; j < 256; j += 32)
