@@ -311,6 +311,18 @@ inline __m256i fifth_bits32(const uint8_t* qh_at) {
   return _mm256_and_si256(set, _mm256_set1_epi8(16));
 }
 
+// q with 16 added to byte j where bit j of the u32 at qh_at is set (Q5_0/Q5_1's fifth bits):
+// one masked add with AVX-512 BW/VL (q < 16: the same as an OR), else the byte spread above.
+inline __m256i with_fifth_bits(__m256i q, const uint8_t* qh_at) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  uint32_t qh;
+  std::memcpy(&qh, qh_at, 4);
+  return _mm256_mask_add_epi8(q, static_cast<__mmask32>(qh), q, _mm256_set1_epi8(16));
+#else
+  return _mm256_or_si256(q, fifth_bits32(qh_at));
+#endif
+}
+
 template <class Out>
 inline void simd_q8_0(const uint8_t* b, Out out) {
   out.signed8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)), half_f16c(b));
@@ -331,12 +343,12 @@ inline void simd_q4_1(const uint8_t* b, Out out) {
 template <class Out>
 inline void simd_q5_0(const uint8_t* b, Out out) {
   const float d = half_f16c(b);
-  out.centered(_mm256_or_si256(nibbles32(b + 6), fifth_bits32(b + 2)), 16, d, d);
+  out.centered(with_fifth_bits(nibbles32(b + 6), b + 2), 16, d, d);
 }
 
 template <class Out>
 inline void simd_q5_1(const uint8_t* b, Out out) {
-  out.affine(_mm256_or_si256(nibbles32(b + 8), fifth_bits32(b + 4)), half_f16c(b),
+  out.affine(with_fifth_bits(nibbles32(b + 8), b + 4), half_f16c(b),
              half_f16c(b + 2));
 }
 
