@@ -247,27 +247,22 @@ class PackedWeight(nn.Module):
         if m == 0:  # e.g. the logits of a step whose rows are all mid-prefill
             return out
         lib = _lib()
+        kernel = None
         if (not fixed_k and x.dtype == torch.bfloat16 and x.device.type == "cpu"
                 and m <= amx_max_rows()):
-            x = x.contiguous()
-            for ggml_type, packed, lo, hi in self.segments():
-                rc = lib.docpipe_qmatmul_amx(
-                    ggml_type, packed.data_ptr(), hi - lo, self.in_features, x.data_ptr(),
-                    x.stride(0), m, out[0, lo:].data_ptr(), out.stride(0))
-                assert rc == 0, f"docpipe_qmatmul_amx refused type {ggml_type}"
-            return out
-        use_kernel = (lib is not None and x.device.type == "cpu" and x.dtype in native.DTYPES
-                      and (m <= MAX_KERNEL_ROWS or fixed_k))
-        if use_kernel:
+            kernel = lib.docpipe_qmatmul_amx
+        elif (lib is not None and x.device.type == "cpu" and x.dtype in native.DTYPES
+              and (m <= MAX_KERNEL_ROWS or fixed_k)):
+            dtype_code = native.DTYPES[x.dtype]
+            kernel = lambda t, *args: lib.docpipe_qmatmul(t, dtype_code, *args)  # noqa: E731
+        if kernel is not None:
             x = x.contiguous()
             for ggml_type, packed, lo, hi in self.segments():
                 # output columns [lo, hi) of each row: y's row stride is out_features; the
-                # kernel takes x's rows 16 at a time in one call
-                rc = lib.docpipe_qmatmul(
-                    ggml_type, native.DTYPES[x.dtype], packed.data_ptr(), hi - lo,
-                    self.in_features, x.data_ptr(), x.stride(0), m, out[0, lo:].data_ptr(),
-                    out.stride(0))
-                assert rc == 0, f"docpipe_qmatmul refused type {ggml_type}"
+                # kernels take all of x's rows in one call
+                rc = kernel(ggml_type, packed.data_ptr(), hi - lo, self.in_features,
+                            x.data_ptr(), x.stride(0), m, out[0, lo:].data_ptr(), out.stride(0))
+                assert rc == 0, f"the packed matmul kernel refused type {ggml_type}"
             return out
         tile_rows = max(1, TILE_ELEMENTS // self.in_features)
         segments = list(self.segments())

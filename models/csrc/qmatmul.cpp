@@ -32,7 +32,7 @@ struct Format {
   int block_size, type_size;
 };
 
-inline Format format(int type) {
+constexpr Format format(int type) {
   switch (type) {
     case Q4_0: return {32, 18};
     case Q4_1: return {32, 20};
@@ -407,17 +407,10 @@ inline void simd_block(const uint8_t* b, Out out) {
 }
 #endif  // DOCPIPE_AVX2 && __F16C__
 
-template <int TYPE>
-constexpr Format kFormat = TYPE == Q4_0 ? Format{32, 18} : TYPE == Q4_1 ? Format{32, 20}
-                           : TYPE == Q5_0 ? Format{32, 22} : TYPE == Q5_1 ? Format{32, 24}
-                           : TYPE == Q8_0 ? Format{32, 34} : TYPE == Q2_K ? Format{256, 84}
-                           : TYPE == Q4_K ? Format{256, 144} : TYPE == Q5_K ? Format{256, 176}
-                                          : Format{256, 210};
-
 // `count` values (whole blocks) of a row starting at value `first`, into out.
 template <int TYPE>
 inline void dequant_span(const uint8_t* row, int64_t first, int count, float* out) {
-  constexpr Format f = kFormat<TYPE>;
+  constexpr Format f = format(TYPE);
   const uint8_t* b = row + (first / f.block_size) * f.type_size;
   for (int i = 0; i < count; i += f.block_size, b += f.type_size) {
 #ifdef DOCPIPE_SIMD_DEQUANT
@@ -441,7 +434,7 @@ inline void dequant_span(const uint8_t* row, int64_t first, int count, float* ou
 // W row `row` (k values) as bf16 into out: the SIMD dequantizers' values, rounded in registers.
 template <int TYPE>
 inline void dequant_row_bf16(const uint8_t* row, int64_t k, uint16_t* out) {
-  constexpr Format f = kFormat<TYPE>;
+  constexpr Format f = format(TYPE);
   const uint8_t* b = row;
   for (int64_t i = 0; i < k; i += f.block_size, b += f.type_size) {
     const Bf16Out o{out + i};
@@ -556,16 +549,17 @@ void dequant_dispatch(int type, const uint8_t* row, int64_t k, T* out) {
   });
 }
 
-// Rows [j0, j1) of `n` for thread t of nt, in whole groups of 4 rows (cache lines of y).
-inline void thread_rows(int64_t n, int t, int nt, int64_t* j0, int64_t* j1) {
-  const int64_t groups = (n + 3) / 4;
+// Rows [j0, j1) of `n` for thread t of nt, in whole groups of `group` rows (4: cache lines of
+// y; the AMX path: its blocks of 32).
+inline void thread_rows(int64_t n, int t, int nt, int64_t* j0, int64_t* j1, int64_t group = 4) {
+  const int64_t groups = (n + group - 1) / group;
   const int64_t g0 = groups * t / nt, g1 = groups * (t + 1) / nt;
-  *j0 = g0 * 4 < n ? g0 * 4 : n;
-  *j1 = g1 * 4 < n ? g1 * 4 : n;
+  *j0 = g0 * group < n ? g0 * group : n;
+  *j1 = g1 * group < n ? g1 * group : n;
 }
 
 #ifdef DOCPIPE_AMX
-// AMX path for bf16 x and 2..kAmxMaxRows rows (decode steps of many sequences): the products
+// AMX path for bf16 x of up to kAmxMaxRows rows (decode steps of many sequences): the products
 // run on the tile unit instead of one FMA per weight and row. Each thread takes whole blocks
 // of 32 W rows. A block's rows are dequantized (the same fp32 values as above) and rounded to
 // bf16 (round to nearest even, as torch's .to(bfloat16)) into a 32 x K buffer in L1/L2: the
@@ -577,15 +571,20 @@ inline void thread_rows(int64_t n, int t, int nt, int64_t* j0, int64_t* j1) {
 constexpr int kAmxMaxRows = 256;
 constexpr int kAmxBlock = 32;  // W rows per block: two A tiles
 
+// Lane i holds i * step (gather offsets).
+inline __m512i lane_offsets(int step) {
+  return _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(step));
+}
+
 // xb[(mb * k/2 + kp) * 16 + r] = the bf16 pair kp of x row 16 mb + r (0 for rows >= m), for
 // this thread's share of every mb's pairs.
 inline void pack_x_tiles(const uint16_t* x, int64_t ldx, int64_t m, int64_t k, uint32_t* xb,
                          int t, int nt) {
   const int64_t blocks = (m + 15) / 16, pairs = k / 2;
   const int64_t p0 = pairs * t / nt, p1 = pairs * (t + 1) / nt;
-  const __m512i offsets = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int>(ldx * 2)));  // bytes between x rows
+  const __m512i offsets = lane_offsets(static_cast<int>(ldx * 2));  // bytes between x rows
   for (int64_t mb = 0; mb < blocks; ++mb) {
     const int64_t rows = m - 16 * mb < 16 ? m - 16 * mb : 16;
     const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
@@ -601,9 +600,7 @@ inline void pack_x_tiles(const uint16_t* x, int64_t ldx, int64_t m, int64_t k, u
 // j < mrows, i < nrows, rounded to bf16.
 inline void store_transposed(const float* c, uint16_t* y, int64_t ldy, int64_t m0, int mrows,
                              int64_t n0, int nrows) {
-  const __m512i down = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(16));
+  const __m512i down = lane_offsets(16);
   const __mmask16 live = static_cast<__mmask16>((1u << nrows) - 1);
   for (int j = 0; j < mrows; ++j) {
     const __m512 v = _mm512_i32gather_ps(down, c + j, 4);
@@ -755,10 +752,8 @@ int docpipe_qmatmul_amx(int type, const void* w, int64_t n, int64_t k, const voi
     pack_x_tiles(static_cast<const uint16_t*>(x), ldx, m, k, xb.data(), t, nt);
     static thread_local std::vector<uint16_t> wb;
     if (wb.size() < static_cast<size_t>(2 * kAmxBlock * k)) wb.resize(2 * kAmxBlock * k);
-    const int64_t blocks = (n + kAmxBlock - 1) / kAmxBlock;
-    const int64_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
-    const int64_t j0 = b0 * kAmxBlock < n ? b0 * kAmxBlock : n;
-    const int64_t j1 = b1 * kAmxBlock < n ? b1 * kAmxBlock : n;
+    int64_t j0, j1;
+    thread_rows(n, t, nt, &j0, &j1, kAmxBlock);
     configure_tiles();
 #pragma omp barrier
     amx_dispatch(type, static_cast<const uint8_t*>(w), row_bytes, k, xb.data(), m,
