@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "common.h"
 
@@ -59,6 +60,22 @@ void silu_mul(const T* gate_up, int64_t row_stride, T* out, int64_t rows, int64_
       const __m512 sigmoid = _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.f), e));
       const __m512 s = round16(_mm512_mul_ps(x, sigmoid), g);
       store16(o + d, _mm512_mul_ps(s, load16(u + d)));
+    }
+#endif
+#ifdef DOCPIPE_AVX2
+    for (; d + 8 <= inter; d += 8) {  // as the AVX-512 loop above, 8 lanes
+      const __m256 x = load8(g + d);
+      const __m256 e = exp8(_mm256_min_ps(x, _mm256_sub_ps(_mm256_setzero_ps(), x)));
+      const __m256 negative = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
+      const __m256 num = _mm256_blendv_ps(_mm256_set1_ps(1.f), e, negative);
+      const __m256 s = _mm256_mul_ps(x, _mm256_div_ps(num, _mm256_add_ps(_mm256_set1_ps(1.f), e)));
+      if constexpr (std::is_same_v<T, float>) {
+        _mm256_storeu_ps(o + d, _mm256_mul_ps(s, load8(u + d)));
+      } else {  // bf16 (compute dtype forced on a CPU without native bf16): round per lane
+        alignas(32) float sl[8];
+        _mm256_store_ps(sl, s);
+        for (int i = 0; i < 8; ++i) store(o, d + i, round_as(sl[i], g) * load(u, d + i));
+      }
     }
 #endif
     for (; d < inter; ++d) {
