@@ -125,24 +125,35 @@ inline __m512 exp_weight16(__m512 x) {
   return _mm512_maskz_scalef_ps(normal, p, n);
 }
 
-// 16 fp32 values stored as T, rounded as to_bf16() rounds.
-inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
-inline void store16(uint16_t* p, __m512 x) {
+// 16 fp32 values as bf16 bits, rounded as to_bf16() rounds.
+inline __m256i bf16_bits16(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);
+#ifdef __AVX512BF16__
+  // The hardware conversion rounds to nearest even and quiets NaN as to_bf16() does, but
+  // flushes denormal inputs to zero: a vector holding one takes the integer path below.
+  const __mmask16 denormal = _mm512_mask_test_epi32_mask(
+      _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7f800000)), u,
+      _mm512_set1_epi32(0x007fffff));
+  if (__builtin_expect(denormal == 0, 1)) return (__m256i)_mm512_cvtneps_pbh(x);
+#endif
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(
       _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
   r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// 16 fp32 values stored as T, rounded as to_bf16() rounds.
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(uint16_t* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits16(x));
 }
 
 // x rounded to T's precision, as fp32 (round_as() for 16 lanes).
 inline __m512 round16(__m512 x, const float*) { return x; }
 inline __m512 round16(__m512 x, const uint16_t*) {
-  alignas(64) uint16_t tmp[16];
-  store16(tmp, x);
-  return load16(tmp);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits16(x)), 16));
 }
 // r[j] = sum of the 16 lanes of v[j], for 16 vectors.
 inline __m512 reduce16(const __m512* v) {

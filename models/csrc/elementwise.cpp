@@ -33,8 +33,14 @@ void rms_norm(const T* x, int64_t x_row_stride, const T* w, T* out, int64_t rows
       ss += v * v;
     }
     const float inv = 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
+    int64_t d0 = 0;
+#ifdef __AVX512F__
+    const __m512 iv = _mm512_set1_ps(inv);
+    for (; d0 + 16 <= dim; d0 += 16)  // the loop below, 16 lanes (the bf16 roundings in one instruction)
+      store16(o + d0, _mm512_mul_ps(load16(w + d0), round16(_mm512_mul_ps(load16(xr + d0), iv), xr)));
+#endif
 #pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) {
+    for (int64_t d = d0; d < dim; ++d) {
       const float y = round_as(load(xr, d) * inv, xr);
       store(o, d, load(w, d) * y);
     }
@@ -101,8 +107,24 @@ void rotary(const T* x, int64_t x_row_stride, T* out, int64_t rows, int64_t head
     for (int64_t h = 0; h < heads; ++h) {
       const T* xh = x + r * x_row_stride + h * D;
       T* o = out + (r * heads + h) * D;
+      int64_t d0 = 0;
+#ifdef __AVX512F__
+      if (half % 16 == 0) {  // the loop below, 16 lanes; -x2 flips the sign bit as it does
+        const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
+        for (; d0 < half; d0 += 16) {
+          const __m512 x1 = load16(xh + d0), x2 = load16(xh + d0 + half);
+          const __m512 nx2 = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x2), sign));
+          const __m512 a1 = round16(_mm512_mul_ps(x1, load16(c + d0)), xh);
+          const __m512 b1 = round16(_mm512_mul_ps(nx2, load16(s + d0)), xh);
+          const __m512 a2 = round16(_mm512_mul_ps(x2, load16(c + d0 + half)), xh);
+          const __m512 b2 = round16(_mm512_mul_ps(x1, load16(s + d0 + half)), xh);
+          store16(o + d0, _mm512_add_ps(a1, b1));
+          store16(o + d0 + half, _mm512_add_ps(a2, b2));
+        }
+      }
+#endif
 #pragma omp simd
-      for (int64_t d = 0; d < half; ++d) {
+      for (int64_t d = d0; d < half; ++d) {
         const float x1 = load(xh, d), x2 = load(xh, d + half);
         const float a1 = round_as(x1 * load(c, d), xh), b1 = round_as(-x2 * load(s, d), xh);
         const float a2 = round_as(x2 * load(c, d + half), xh);

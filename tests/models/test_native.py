@@ -85,6 +85,20 @@ def test_silu_mul(lib, monkeypatch, dtype, rows, inter):
     _check(silu_mul(gate_up), _torch_path(monkeypatch, silu_mul, gate_up), dtype)
 
 
+def test_bf16_rounding_keeps_denormals(lib):
+    """Gates of -92 to -97 give SwiGLU values that are fp32 denormals and bf16 ones too (down to
+    2^-133): the kernels round them as to_bf16() does (the hardware conversion of AVX-512 BF16
+    flushes them to zero, so vectors holding one take the integer path)."""
+    gates = -torch.arange(92.0, 98.0).repeat(6)  # 36 values: two full 16-lane vectors and a tail
+    gate_up = torch.cat([gates, torch.ones_like(gates)]).to(torch.bfloat16).unsqueeze(0)
+    g = gate_up[:, : gates.numel()].double()
+    want = (g * torch.sigmoid(g)).float().to(torch.bfloat16)  # float64: no overflow in exp
+    assert (want != 0).all() and (want.float().abs() < 2**-126).all()
+    got = silu_mul(gate_up)
+    assert (got != 0).all(), "denormal values flushed to zero"
+    assert ((got.float() - want.float()).abs() <= 2**-133).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,heads,dim", [(1, 12, 64), (300, 12, 64), (9, 3, 18)])
 def test_rotary(lib, monkeypatch, dtype, rows, heads, dim):
