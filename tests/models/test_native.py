@@ -14,35 +14,20 @@ import torch
 from models import native
 from models.cpu import LEVELS, cpu_info
 from models.layers import RMSNorm, apply_rotary, silu_mul
+from tests.models.kernel_builds import BUILDS, kernel_build
 
 
-@pytest.fixture(params=["native", "x86-64-v3"])
+@pytest.fixture(params=BUILDS)
 def lib(request):
-    """The elementwise library built for this CPU, or for x86-64-v3 (DOCPIPE_CPU_ISA=avx2), so
-    an AVX-512 machine tests the AVX2 loops too."""
-    if request.param == "x86-64-v3":
-        info = cpu_info()
-        if not info.is_x86 or LEVELS.index(info.detected_level) < LEVELS.index("avx2"):
-            pytest.skip("not an x86 CPU with AVX2 + FMA")
-        if info.level == "avx2":
-            pytest.skip("the native build is already the x86-64-v3 one")
-    with pytest.MonkeyPatch.context() as mp:
+    """The elementwise library of each build (tests/models/kernel_builds.py)."""
+    with kernel_build(request.param):
+        lib = native.elementwise(torch.zeros(1))
+        if lib is None:
+            assert shutil.which("g++") is None, "g++ is installed but the native kernels failed"
+            pytest.skip("no C++ compiler: the native kernels are not built")
         if request.param == "x86-64-v3":
-            mp.setenv("DOCPIPE_CPU_ISA", "avx2")
-        cpu_info.cache_clear()
-        native.clear_cache()
-        try:
-            lib = native.elementwise(torch.zeros(1))
-            if lib is None:
-                assert shutil.which("g++") is None, "g++ is installed but the native kernels failed"
-                pytest.skip("no C++ compiler: the native kernels are not built")
-            if request.param == "x86-64-v3":
-                assert native.flags()[-1] == "-march=x86-64-v3"
-            yield lib
-        finally:
-            mp.undo()
-            cpu_info.cache_clear()
-            native.clear_cache()
+            assert native.flags()[-1] == "-march=x86-64-v3"
+        yield lib
 
 
 def _torch_path(monkeypatch, fn, *args):

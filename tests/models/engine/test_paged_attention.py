@@ -12,8 +12,9 @@ import torch
 from models import native
 from models.attention import Attention, AttentionMetadata, SeqSpan
 from models.config import tiny_config
-from models.cpu import LEVELS, cpu_info
+from models.cpu import cpu_info
 from models.layers import RotaryEmbedding, apply_rotary
+from tests.models.kernel_builds import BUILDS, kernel_build
 
 BLOCK = 4
 
@@ -154,37 +155,17 @@ def _llama_layer(heads, kv_heads, dim, dtype, g):
     return config, attn.to(dtype)
 
 
-def _reset_kernels():
-    cpu_info.cache_clear()
-    native.library.cache_clear()
-
-
-@pytest.fixture(params=["native", "x86-64-v3"])
+@pytest.fixture(params=BUILDS)
 def isa(request):
-    """The kernels built for this CPU, or for x86-64-v3 (DOCPIPE_CPU_ISA=avx2, the build an
-    AVX2 + FMA machine gets), so an AVX-512 machine tests the AVX2 paths too."""
-    if request.param == "x86-64-v3":
-        info = cpu_info()
-        if not info.is_x86 or LEVELS.index(info.detected_level) < LEVELS.index("avx2"):
-            pytest.skip("not an x86 CPU with AVX2 + FMA")
-        if info.level == "avx2":
-            pytest.skip("the native build is already the x86-64-v3 one")
-    with pytest.MonkeyPatch.context() as mp:
+    """The kernels of each build (tests/models/kernel_builds.py)."""
+    with kernel_build(request.param):
+        if native.paged_decode() is None:
+            # The kernels must build wherever a compiler is installed (CI has g++).
+            assert shutil.which("g++") is None, "g++ is installed but the native kernel failed"
+            pytest.skip("no C++ compiler: the native kernels are not built")
         if request.param == "x86-64-v3":
-            mp.setenv("DOCPIPE_CPU_ISA", "avx2")
-        _reset_kernels()
-        try:
-            if native.paged_decode() is None:
-                # The kernels must build wherever a compiler is installed (CI has g++).
-                assert shutil.which("g++") is None, "g++ is installed but the native kernel failed"
-                pytest.skip("no C++ compiler: the native kernels are not built")
-            if request.param == "x86-64-v3":
-                assert native.flags()[-1] == "-march=x86-64-v3"
-                assert native.decode_simd_width() == 8, "the x86-64-v3 build has no AVX2 path"
-            yield request.param
-        finally:
-            mp.undo()
-            _reset_kernels()
+            assert native.decode_simd_width() == 8, "the x86-64-v3 build has no AVX2 path"
+        yield request.param
 
 
 # (compute dtype, KV cache dtype)
