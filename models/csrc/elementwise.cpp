@@ -36,8 +36,10 @@ void rms_norm(const T* x, int64_t x_row_stride, const T* w, T* out, int64_t rows
     int64_t d0 = 0;
 #ifdef __AVX512F__
     const __m512 iv = _mm512_set1_ps(inv);
-    for (; d0 + 16 <= dim; d0 += 16)  // the loop below, 16 lanes (the bf16 roundings in one instruction)
-      store16(o + d0, _mm512_mul_ps(load16(w + d0), round16(_mm512_mul_ps(load16(xr + d0), iv), xr)));
+    for (; d0 + 16 <= dim; d0 += 16) {  // the loop below, 16 lanes
+      const __m512 y = round16(_mm512_mul_ps(load16(xr + d0), iv), xr);
+      store16(o + d0, _mm512_mul_ps(load16(w + d0), y));
+    }
 #endif
 #pragma omp simd
     for (int64_t d = d0; d < dim; ++d) {

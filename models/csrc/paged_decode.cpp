@@ -201,6 +201,18 @@ void item_avx512(const void* q, const void* k, const void* v, void* out, const i
 }
 #endif  // __AVX512F__
 
+#if defined(__AVX512F__) || defined(DOCPIPE_AVX2)
+// The cache lines of `bytes` bytes at k and at v into L1: the K and V of a tile to come.
+inline void prefetch_kv(const void* k, const void* v, int64_t bytes) {
+  const char* kb = static_cast<const char*>(k);
+  const char* vb = static_cast<const char*>(v);
+  for (int64_t b = 0; b < bytes; b += 64) {
+    _mm_prefetch(kb + b, _MM_HINT_T0);
+    _mm_prefetch(vb + b, _MM_HINT_T0);
+  }
+}
+#endif
+
 #ifdef DOCPIPE_AMX
 // AMX path for bf16 q and cache, head_dim = 16 * NV (64 or 128), G query heads per KV head.
 // Per tile of 32 keys: S^T (keys x heads) = K Q^T on the tile unit, K read in place as the A
@@ -249,14 +261,9 @@ void decode_item_amx(const uint16_t* q, const uint16_t* k, const uint16_t* v, ui
     const int64_t start = run_start[r], count = run_len[r];
     for (int64_t t0 = 0; t0 < count; t0 += 32) {
       const int n = static_cast<int>(count - t0 < 32 ? count - t0 : 32);
-      if (t0 + 32 * kAhead < count) {  // K and V of the tile kAhead ahead, line by line
-        const char* kf = reinterpret_cast<const char*>(k + (start + t0 + 32 * kAhead) * D);
-        const char* vf = reinterpret_cast<const char*>(v + (start + t0 + 32 * kAhead) * D);
-        for (int b = 0; b < 32 * D * 2; b += 64) {
-          _mm_prefetch(kf + b, _MM_HINT_T0);
-          _mm_prefetch(vf + b, _MM_HINT_T0);
-        }
-      }
+      if (t0 + 32 * kAhead < count)  // K and V of the tile kAhead ahead
+        prefetch_kv(k + (start + t0 + 32 * kAhead) * D, v + (start + t0 + 32 * kAhead) * D,
+                    32 * D * 2);
       for (int h = 0; h < 2 && 16 * h < n; ++h) {
         const int nh = n - 16 * h < 16 ? n - 16 * h : 16;
         const uint16_t* src = k + (start + t0 + 16 * h) * D;
@@ -372,15 +379,10 @@ void decode_item_simd(const TQ* q, const TK* k, const TK* v, TQ* out, const int6
       const int n = static_cast<int>(count - t0 < T ? count - t0 : T);
       const TK* kt = k + (first + t0) * D;
       const TK* vt = v + (first + t0) * D;
-      // K and V of the tile kSimdAhead ahead (in this run), line by line
-      if (t0 + T * kSimdAhead < count) {
+      if (t0 + T * kSimdAhead < count) {  // K and V of the tile kSimdAhead ahead, in this run
         const int64_t next = t0 + T * kSimdAhead, rows = count - next < T ? count - next : T;
-        const char* kf = reinterpret_cast<const char*>(k + (first + next) * D);
-        const char* vf = reinterpret_cast<const char*>(v + (first + next) * D);
-        for (int64_t b = 0; b < rows * D * static_cast<int64_t>(sizeof(TK)); b += 64) {
-          _mm_prefetch(kf + b, _MM_HINT_T0);
-          _mm_prefetch(vf + b, _MM_HINT_T0);
-        }
+        prefetch_kv(k + (first + next) * D, v + (first + next) * D,
+                    rows * D * static_cast<int64_t>(sizeof(TK)));
       }
       for (int j = 0; j < n; ++j) {
         // CK vectors of the row at a time (in registers), a head's sum carried between blocks
